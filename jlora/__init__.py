@@ -6,3 +6,4 @@ from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul
 from jlora.model import apply, forward, init_cache, init_params, lm_head, param_shapes
 
 __version__ = "0.1.0"
+from jlora.convert import load_pretrained, save_pretrained

