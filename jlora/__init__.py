@@ -1,9 +1,20 @@
 """jlora: fine-tune GPT-style language models in JAX/Flax (full fine-tuning and LoRA), with exact
-Hugging Face / PEFT / GGUF interop. See README.md for the tour; the public surface is listed here."""
+Hugging Face / PEFT / GGUF interop. See README.md for the tour; the public surface is listed here.
 
-from jlora.config import ModelConfig, PRESETS, preset
-from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul
+    import jlora
+    cfg, params = jlora.load_pretrained(path)          # HF dir or .gguf
+    logits = jlora.apply(cfg, params, tokens)
+    params = jlora.lora.init(key, cfg, params, jlora.LoraConfig(r=8, alpha=16))
+    merged = jlora.merge(params)
+"""
+
+from jlora import tree
+from jlora.config import PRESETS, ModelConfig, preset
+from jlora.convert import load_pretrained, save_pretrained
+from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul, merge
 from jlora.model import apply, forward, init_cache, init_params, lm_head, param_shapes
+from jlora.peft import lora
+from jlora.peft.lora import LoRA, LoraConfig
+from jlora.tree import combine, format_report, param_report, split, trainable_labels
 
 __version__ = "0.1.0"
-from jlora.convert import load_pretrained, save_pretrained

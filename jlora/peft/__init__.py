@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning methods, each a pure transform of the parameter tree."""

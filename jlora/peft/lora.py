@@ -1,0 +1,279 @@
+"""LoRA as a pure parameter-tree transform.
+
+`init` returns a new tree in which every targeted ``<module>.kernel`` is a `LoRA` wrapper around the frozen
+base kernel; the model is untouched and calls ``matmul(x, kernel)`` as always. `merge` folds the factors back
+(float32 math, one cast); `strip` returns the base tree.
+
+Beyond PEFT: on GPT-2's fused ``c_attn`` (q|k|v in one matrix) LoRA can cover chosen slices only
+(``LoraConfig(fused_qkv=("q", "v"))``, as the original LoRA paper did), which PEFT's module-level targeting
+cannot express (peft#706, #852). `B` then covers only those output columns; it exports to PEFT exactly by
+padding `B` with zero rows for the other slices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jlora import tree as T
+from jlora.config import ModelConfig
+from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul
+
+INITS = (True, False, "default", "gaussian", "pissa")
+QKV = ("q", "k", "v")
+
+
+@struct.dataclass
+class LoRA(KernelWrapper):
+    """A kernel ``W`` plus a low-rank update: ``x @ W + scale * ((x @ a) @ b)``.
+
+    Attributes:
+      base: the frozen kernel ``[in, out]`` (an array or another wrapper, e.g. a quantized one).
+      a: ``[in, r]`` factor (trainable).
+      b: ``[r, out']`` factor (trainable); ``out' = out`` unless `slices` restricts it.
+      scale: ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA); static.
+      slices: optional ``((start, stop), ...)`` output column ranges that ``b`` covers, in order; static.
+      dropout: dropout rate on the LoRA input path during training (needs `rng`); static.
+      rng: a PRNG key set only inside a training step (see `jlora.kernels.with_rngs`); None otherwise.
+    """
+
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    slices: Optional[Tuple[Tuple[int, int], ...]] = struct.field(pytree_node=False, default=None)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+    rng: Any = None
+
+    @property
+    def shape(self):
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+    def _delta_columns(self, delta, y_shape_last):
+        """Places the ``[..., out']`` update at its output columns (a no-op without slices)."""
+        if self.slices is None:
+            return delta
+        parts, offset, cursor = [], 0, 0
+        for start, stop in self.slices:
+            if start > cursor:
+                parts.append(jnp.zeros(delta.shape[:-1] + (start - cursor,), delta.dtype))
+            parts.append(delta[..., offset:offset + stop - start])
+            offset += stop - start
+            cursor = stop
+        if cursor < y_shape_last:
+            parts.append(jnp.zeros(delta.shape[:-1] + (y_shape_last - cursor,), delta.dtype))
+        return jnp.concatenate(parts, axis=-1)
+
+    def matmul(self, x):
+        y = matmul(x, self.base)
+        h = x
+        if self.dropout > 0.0 and self.rng is not None:
+            keep = jax.random.bernoulli(self.rng, 1.0 - self.dropout, x.shape)
+            h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        # The scale multiplies the small [.., r] intermediate; A @ B is never formed.
+        low = jnp.matmul(h, self.a.astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+        delta = jnp.matmul(low, self.b.astype(x.dtype))
+        return y + self._delta_columns(delta, y.shape[-1])
+
+    def delta(self) -> jax.Array:
+        """``scale * a @ b`` in float32, placed at its output columns: ``[in, out]``."""
+        d = self.scale * jnp.matmul(self.a.astype(jnp.float32), self.b.astype(jnp.float32),
+                                    precision=jax.lax.Precision.HIGHEST)
+        return self._delta_columns(d, self.shape[-1])
+
+    def materialize(self):
+        base = materialize(self.base)
+        return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
+
+    def labels(self, label_base):
+        return self.replace(base=label_base(self.base), a="lora_a", b="lora_b")
+
+    def with_rng(self, key):
+        return self.replace(rng=key) if self.dropout > 0.0 else self
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which matrices get LoRA and how (PEFT's `LoraConfig` semantics, plus fused-qkv slices).
+
+    Args:
+      r: rank (> 0).
+      alpha: ``lora_alpha``; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+      target_modules: a list of module names matched exactly or as a dotted suffix, or a regex string matched
+        against the full dotted module name (PEFT's rule). Default: q and v projections (``c_attn`` for GPT-2).
+      use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
+      rank_pattern: ``{regex: r}`` per-module rank overrides (matched against the end of the module name).
+      alpha_pattern: ``{regex: alpha}`` per-module alpha overrides.
+      dropout: ``lora_dropout`` on the LoRA input path (training only).
+      init: ``True``/``"default"`` (PEFT: Kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r), zero B),
+        ``"pissa"`` (A, B from the SVD of the base; the base becomes the residual), ``False`` (random A and B:
+        a non-identity adapter, for tests).
+      layers_to_transform: only these layer indices (an int or a list).
+      fused_qkv: for GPT-2's fused ``c_attn``, LoRA on these slices only, e.g. ``("q", "v")``.
+      dtype: dtype of the factors (float32 keeps trainable weights in full precision).
+
+    Example:
+      >>> lcfg = LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    target_modules: Union[str, Tuple[str, ...], None] = None
+    use_rslora: bool = False
+    rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)
+    dropout: float = 0.0
+    init: Union[bool, str] = True
+    layers_to_transform: Union[int, Tuple[int, ...], None] = None
+    fused_qkv: Optional[Tuple[str, ...]] = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.layers_to_transform, list):
+            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
+        if self.fused_qkv is not None:
+            object.__setattr__(self, "fused_qkv", tuple(self.fused_qkv))
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        for pat, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r <= 0:
+                raise ValueError(f"LoraConfig.rank_pattern[{pat!r}] must be a positive integer, got {r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.fused_qkv is not None and (not self.fused_qkv or set(self.fused_qkv) - set(QKV)):
+            raise ValueError(f"LoraConfig.fused_qkv must be a non-empty subset of {QKV}, got {self.fused_qkv!r}")
+
+    def replace(self, **changes) -> "LoraConfig":
+        return dataclasses.replace(self, **changes)
+
+    def targets_for(self, cfg: ModelConfig):
+        if self.target_modules is not None:
+            return self.target_modules
+        return ("c_attn",) if cfg.arch == "gpt2" else ("q_proj", "v_proj")
+
+    def layers(self):
+        if self.layers_to_transform is None:
+            return None
+        if isinstance(self.layers_to_transform, int):
+            return (self.layers_to_transform,)
+        return tuple(self.layers_to_transform)
+
+    def rank_alpha_scale(self, name: str) -> Tuple[int, float, float]:
+        """(r, alpha, scale) of the module ``name``, with the pattern overrides applied."""
+        r = T.pattern_value(name, self.rank_pattern, self.r)
+        alpha = T.pattern_value(name, self.alpha_pattern, self.alpha)
+        scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return r, float(alpha), float(scale)
+
+
+def qkv_slices(cfg: ModelConfig, parts: Sequence[str]) -> Tuple[Tuple[int, int], ...]:
+    """Output-column ranges of the named parts of GPT-2's fused c_attn ([q | k | v])."""
+    width = cfg.n_heads * cfg.dim_head
+    return tuple((QKV.index(p) * width, (QKV.index(p) + 1) * width) for p in sorted(parts, key=QKV.index))
+
+
+def _module_suffixes(params):
+    return sorted({name.split(".")[-1] for name in T.linear_modules(params)} |
+                  {".".join(name.split(".")[-2:]) for name in T.linear_modules(params)})
+
+
+def init(key: jax.Array, cfg: ModelConfig, params, lcfg: LoraConfig):
+    """Wraps the target kernels of ``params`` in `LoRA` (a new tree; ``params`` is not modified).
+
+    Args:
+      key: PRNG key for the factor initialization.
+      cfg: model config.
+      params: base parameter tree.
+      lcfg: the LoRA config.
+
+    Returns:
+      the parameter tree with LoRA kernels at the targets.
+
+    Example:
+      >>> params = jlora.lora.init(jax.random.key(0), cfg, params, jlora.LoraConfig(r=8, alpha=16))
+    """
+    targets = lcfg.targets_for(cfg)
+    names = T.select(params, targets, lcfg.layers())
+    if not names:
+        where = "" if lcfg.layers() is None else f" in layers {list(lcfg.layers())}"
+        raise ValueError(f"LoraConfig.target_modules {targets!r} matched no linear layer{where}; available: "
+                         f"{', '.join(_module_suffixes(params))}")
+    if lcfg.fused_qkv is not None:
+        bad = [n for n in names if not n.endswith("c_attn")]
+        if bad:
+            raise ValueError(f"LoraConfig.fused_qkv applies to GPT-2's fused c_attn only, but target_modules also "
+                             f"selects {bad[0]}")
+    new = {}
+    for i, name in enumerate(names):
+        kernel = T.get_module(params, name)["kernel"]
+        if isinstance(kernel, LoRA):
+            raise ValueError(f"lora.init: {name} already has a LoRA adapter (strip or merge it first)")
+        r, _, scale = lcfg.rank_alpha_scale(name)
+        d_in, d_out = kernel.shape
+        slices = qkv_slices(cfg, lcfg.fused_qkv) if lcfg.fused_qkv is not None else None
+        d_sel = d_out if slices is None else sum(e - s for s, e in slices)
+        if r > min(d_in, d_sel):
+            raise ValueError(f"LoraConfig: rank {r} for {name} exceeds its dimensions ({d_in} x {d_sel})")
+        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+        dt = jnp.dtype(lcfg.dtype)
+        base = kernel
+        if lcfg.init == "pissa":
+            if slices is not None or is_wrapper(kernel):
+                raise ValueError(f"LoraConfig.init='pissa' needs a plain base kernel without fused_qkv ({name})")
+            a, b, base = _pissa(kernel, r, scale)
+        elif lcfg.init == "gaussian":
+            a = jax.random.normal(ka, (d_in, r), jnp.float32) / r
+            b = jnp.zeros((r, d_sel), jnp.float32)
+        else:
+            bound_a = 1.0 / math.sqrt(d_in)  # kaiming_uniform(a=sqrt(5)) on PEFT's [r, in] lora_A
+            a = jax.random.uniform(ka, (d_in, r), jnp.float32, -bound_a, bound_a)
+            if lcfg.init is False:
+                bound_b = 1.0 / math.sqrt(r)
+                b = jax.random.uniform(kb, (r, d_sel), jnp.float32, -bound_b, bound_b)
+            else:
+                b = jnp.zeros((r, d_sel), jnp.float32)
+        new[name] = LoRA(base=base, a=a.astype(dt), b=b.astype(dt), scale=scale, slices=slices,
+                         dropout=float(lcfg.dropout))
+    return T.replace_modules(params, new)
+
+
+def _pissa(kernel, r, scale):
+    w = kernel.astype(jnp.float32).T  # HF orientation [out, in]
+    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    sr = jnp.sqrt(s[:r] / scale)
+    a_hf = sr[:, None] * vh[:r]  # [r, in]
+    b_hf = u[:, :r] * sr[None, :]  # [out, r]
+    residual = w - scale * b_hf @ a_hf
+    return a_hf.T, b_hf.T, residual.T.astype(kernel.dtype)
+
+
+def strip(params):
+    """The tree with every `LoRA` wrapper replaced by its base (``strip(init(p)) == p`` for non-PiSSA inits)."""
+    def un(x):
+        while isinstance(x, LoRA):
+            x = x.base
+        return x
+
+    return jax.tree_util.tree_map(un, params, is_leaf=is_wrapper)
+
+
+def adapters(params) -> Dict[str, LoRA]:
+    """{module name: LoRA wrapper} for every LoRA kernel in the tree."""
+    return {name: k for name, k in T.linear_modules(params).items() if isinstance(k, LoRA)}

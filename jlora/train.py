@@ -1,0 +1,209 @@
+"""Train state, causal-LM loss, the optimizer, and the one train step for full and parameter-efficient tuning.
+
+The step is a pure ``(state, batch) -> (state, metrics)`` function; its caller jits it, typically with
+``jax.jit(step, donate_argnums=0)``. It splits the parameters into (trainable, frozen) by the label tree and
+differentiates only the trainable part, so no weight gradient is ever computed for a frozen matrix. Full
+fine-tuning is the same step with every leaf labelled trainable.
+
+Batches are dicts of arrays:
+
+* ``input_ids``: int ``[B, T]``; position t is trained to predict token t + 1.
+* ``loss_mask`` (optional): ``[B, T]``, 1 where token t is a *target* (0 for prompt and padding tokens).
+* ``attention_mask`` (optional): ``[B, T]``, 1 for real tokens.
+
+With gradient accumulation every array gets a leading ``[accum_steps]`` axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jlora import tree as T
+from jlora.config import ModelConfig
+from jlora.kernels import with_rngs
+from jlora.model import forward, lm_head
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step updates: step counter, parameters, optimizer state, PRNG key."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def init_state(params, tx: optax.GradientTransformation, seed: Union[int, jax.Array] = 0) -> TrainState:
+    """A fresh `TrainState` (frozen leaves get no optimizer state when ``tx`` is from `make_optimizer`)."""
+    rng = jax.random.key(seed) if isinstance(seed, int) else seed
+    return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def _decay_mask(tree):
+    # Weight decay on matrices only (not on biases, norm scales or other vectors).
+    return jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, tree)
+
+
+def make_optimizer(labels, learning_rate: Union[float, Callable] = 1e-4, *, weight_decay: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   lr_ratios: Optional[Dict[str, float]] = None) -> optax.GradientTransformation:
+    """AdamW over the trainable labels, `optax.set_to_zero` over ``"frozen"``, as one `optax.multi_transform`.
+
+    Frozen leaves hold no optimizer state (optax stores ``MaskedNode`` for them).
+
+    Args:
+      labels: the label tree (`jlora.trainable_labels`).
+      learning_rate: a float or an optax schedule.
+      weight_decay: decoupled weight decay, applied to matrices only.
+      b1, b2, eps: Adam hyper-parameters.
+      lr_ratios: per-role learning-rate multipliers, e.g. ``{"lora_b": 16.0}`` for LoRA+.
+
+    Returns:
+      the optax transformation.
+
+    Example:
+      >>> tx = make_optimizer(jlora.trainable_labels(params), 2e-4, weight_decay=0.01)
+    """
+    roles = sorted(set(jax.tree_util.tree_leaves(labels)) - {T.FROZEN})
+    lr_ratios = dict(lr_ratios or {})
+    unknown = set(lr_ratios) - set(roles)
+    if unknown:
+        raise ValueError(f"make_optimizer: lr_ratios names unknown roles {sorted(unknown)}; roles here: {roles}")
+    transforms = {T.FROZEN: optax.set_to_zero()}
+    for role in roles:
+        ratio = lr_ratios.get(role, 1.0)
+        if callable(learning_rate):
+            lr = (lambda s, r=ratio: r * learning_rate(s)) if ratio != 1.0 else learning_rate
+        else:
+            lr = learning_rate * ratio
+        transforms[role] = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask)
+    return optax.multi_transform(transforms, labels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def token_weights(batch) -> jax.Array:
+    """``[B, T-1]`` float weights of the targets ``input_ids[:, 1:]``."""
+    ids = batch["input_ids"]
+    w = batch.get("loss_mask")
+    if w is None:
+        w = batch.get("attention_mask")
+    if w is None:
+        return jnp.ones((ids.shape[0], ids.shape[1] - 1), jnp.float32)
+    return w[:, 1:].astype(jnp.float32)
+
+
+def lm_loss_sum(cfg: ModelConfig, params, batch, label_smoothing: float = 0.0):
+    """Summed causal-LM cross-entropy over the weighted targets, and the summed weight.
+
+    Args:
+      cfg: model config.
+      params: parameter tree.
+      batch: dict with ``input_ids`` and optional ``loss_mask`` / ``attention_mask``.
+      label_smoothing: PyTorch-style: ``(1 - e) * nll + e * mean over the vocabulary of -log p``.
+
+    Returns:
+      ``(loss_sum, weight_sum)`` as float32 scalars; the mean loss is their ratio.
+    """
+    ids = batch["input_ids"]
+    attn = batch.get("attention_mask")
+    hidden, _ = forward(cfg, params, ids[:, :-1], attention_mask=None if attn is None else attn[:, :-1])
+    logits = lm_head(cfg, params, hidden).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    nll = lse - target_logit
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1))
+    w = token_weights(batch)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, labels, *,
+                    max_grad_norm: Optional[float] = None, label_smoothing: float = 0.0,
+                    accum_steps: int = 1) -> Callable:
+    """Builds the train step ``(state, batch) -> (state, metrics)`` (pure; jit it yourself).
+
+    Args:
+      cfg: model config (``cfg.dtype`` sets the compute dtype, ``cfg.remat`` rematerialization).
+      tx: the optimizer from `make_optimizer` (built over the same ``labels``).
+      labels: the label tree; leaves labelled ``"frozen"`` get no gradient at all.
+      max_grad_norm: clip the global gradient norm of the trainable leaves.
+      label_smoothing: see `lm_loss_sum`.
+      accum_steps: gradient accumulation; batch arrays then have a leading ``[accum_steps]`` axis and the
+        loss is the token-weighted mean over all micro-batches (identical to one big batch).
+
+    Returns:
+      ``step(state, batch) -> (state, {"loss", "grad_norm", "tokens"})``.
+
+    Example:
+      >>> step = jax.jit(make_train_step(cfg, tx, labels), donate_argnums=0)
+      >>> state, metrics = step(state, {"input_ids": ids})
+    """
+    if accum_steps < 1:
+        raise ValueError(f"make_train_step: accum_steps must be >= 1, got {accum_steps}")
+
+    def loss_fn(trainable, frozen, micro, rng, total):
+        params = with_rngs(T.combine(trainable, frozen, labels), rng)
+        loss_sum, _ = lm_loss_sum(cfg, params, micro, label_smoothing)
+        return loss_sum / total
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(state: TrainState, batch):
+        rng, sub = jax.random.split(state.rng)
+        trainable, frozen = T.split(state.params, labels)
+        if accum_steps == 1:
+            total = jnp.maximum(jnp.sum(token_weights(batch)), 1.0)
+            loss, grads = grad_fn(trainable, frozen, batch, sub, total)
+        else:
+            total = jnp.maximum(jnp.sum(jax.vmap(token_weights)(batch)), 1.0)
+
+            def micro_step(carry, xs):
+                loss_acc, grad_acc = carry
+                micro, i = xs
+                loss_i, g = grad_fn(trainable, frozen, micro, jax.random.fold_in(sub, i), total)
+                return (loss_acc + loss_i, jax.tree_util.tree_map(jnp.add, grad_acc, g)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+            (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros),
+                                            (batch, jnp.arange(accum_steps)))
+        grad_norm = optax.global_norm(grads)
+        if max_grad_norm is not None:
+            factor = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
+            grads = jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), grads)
+        # The optimizer is a multi_transform over the whole tree; frozen leaves get zeros that set_to_zero
+        # ignores (XLA removes them as dead code) and their updates are discarded below.
+        full_grads = T.combine(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen), labels)
+        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+        new_trainable = optax.apply_updates(trainable, T.split(updates, labels)[0])
+        params = T.combine(new_trainable, frozen, labels)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": total}
+
+    return step
+
+
+def make_eval_step(cfg: ModelConfig) -> Callable:
+    """``eval_step(params, batch) -> {"loss_sum", "tokens"}`` (jit it yourself); sum over batches, divide."""
+
+    def eval_step(params, batch):
+        loss_sum, n = lm_loss_sum(cfg, params, batch)
+        return {"loss_sum": loss_sum, "tokens": n}
+
+    return eval_step

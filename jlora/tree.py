@@ -1,0 +1,191 @@
+"""Parameter-tree utilities: key-path names, target selection, trainable labels, split/combine, counts.
+
+Everything here is a pure function of the tree. The single source of truth for what trains is the *label
+tree*: the parameter tree with every array replaced by a role string (``"frozen"``, ``"full"``, ``"lora_a"``,
+``"lora_b"``, ...). Kernel wrappers stay nodes in it, so the label tree has exactly the structure of the params
+and can be handed to `optax.multi_transform`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.kernels import KernelWrapper, is_wrapper
+
+FROZEN = "frozen"
+FULL = "full"
+
+
+def path_str(path) -> str:
+    """A `jax.tree_util` key path as a dotted name, e.g. ``model.layers.0.self_attn.q_proj.kernel``."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def named_leaves(params) -> Dict[str, object]:
+    """{dotted path: leaf}, stopping at kernel wrappers (a wrapper counts as one leaf)."""
+    return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_wrapper)[0]}
+
+
+def linear_modules(params) -> Dict[str, object]:
+    """{module name: kernel} for every linear layer (every ``<module>.kernel`` leaf)."""
+    return {name[: -len(".kernel")]: v for name, v in named_leaves(params).items() if name.endswith(".kernel")}
+
+
+def match_module(name: str, targets: Union[str, Sequence[str]]) -> bool:
+    """PEFT's ``target_modules`` rule: a regex string must match the whole dotted name; a list entry matches
+    the name exactly or as a dotted suffix (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The layer number in a module name (``...layers.3...`` or ``...h.3...``), or None."""
+    m = re.search(r"\.(?:layers|h)\.(\d+)\.", name + ".")
+    return int(m.group(1)) if m else None
+
+
+def pattern_value(name: str, patterns: Dict[str, object], default):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first pattern that matches the end of the name."""
+    for pat, value in patterns.items():
+        if re.match(rf"(.*\.)?({pat})$", name):
+            return value
+    return default
+
+
+def select(params, targets: Union[str, Sequence[str]], layers: Optional[Iterable[int]] = None) -> List[str]:
+    """Module names of linear layers that ``targets`` selects (see `match_module`), optionally in ``layers``.
+
+    Example:
+      >>> select(params, ["q_proj", "v_proj"])[:2]
+      ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']
+    """
+    layer_set = None if layers is None else set(int(i) for i in layers)
+    out = []
+    for name in sorted(linear_modules(params), key=_natural_key):
+        if not match_module(name, targets):
+            continue
+        if layer_set is not None and layer_index(name) not in layer_set:
+            continue
+        out.append(name)
+    return out
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def get_module(params, name: str):
+    node = params
+    for part in name.split("."):
+        node = node[part]
+    return node
+
+
+def replace_modules(params, new_kernels: Dict[str, object]):
+    """A copy of ``params`` (dicts copied along the touched paths only) with ``<module>.kernel`` replaced."""
+    out = dict(params)
+    for name, kernel in new_kernels.items():
+        parts = name.split(".")
+        node = out
+        for p in parts:
+            node[p] = dict(node[p])
+            node = node[p]
+        node["kernel"] = kernel
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels, split, combine
+
+
+def trainable_labels(params, mode: str = "auto"):
+    """The label tree: same structure as ``params``, each array replaced by its role string.
+
+    Args:
+      params: a parameter tree (plain arrays and/or kernel wrappers).
+      mode: ``"auto"`` (adapter leaves train if the tree has any wrapper, else everything trains: full
+        fine-tuning), ``"adapters"`` (only adapter leaves), or ``"full"`` (everything, adapters included).
+
+    Returns:
+      the label tree (strings as leaves, wrappers kept as nodes).
+
+    Example:
+      >>> labels = trainable_labels(jlora.lora.init(key, cfg, params, lcfg))
+      >>> labels["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].a
+      'lora_a'
+    """
+    if mode not in ("auto", "adapters", "full"):
+        raise ValueError(f"trainable_labels: mode must be 'auto', 'adapters' or 'full', got {mode!r}")
+    has_wrappers = any(is_wrapper(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_wrapper))
+    if mode == "auto":
+        mode = "adapters" if has_wrappers else "full"
+    plain = FULL if mode == "full" else FROZEN
+
+    def label(x):
+        # A wrapper labels its own adapter leaves and hands its base back to `label` (wrappers nest).
+        return x.labels(label) if is_wrapper(x) else plain
+
+    return jax.tree_util.tree_map(label, params, is_leaf=is_wrapper)
+
+
+def split(params, labels) -> Tuple[object, object]:
+    """(trainable, frozen): two trees of the same structure, with ``None`` where the other one holds the leaf."""
+    trainable = jax.tree_util.tree_map(lambda l, p: None if l == FROZEN else p, labels, params)
+    frozen = jax.tree_util.tree_map(lambda l, p: p if l == FROZEN else None, labels, params)
+    return trainable, frozen
+
+
+def combine(trainable, frozen, labels):
+    """Inverse of `split`: ``combine(*split(p, labels), labels) == p``."""
+    return jax.tree_util.tree_map(lambda l, t, f: f if l == FROZEN else t, labels, trainable, frozen)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Counting
+
+
+def param_report(params, labels=None) -> dict:
+    """Parameter counts and bytes, like PEFT's ``print_trainable_parameters``.
+
+    Args:
+      params: parameter tree.
+      labels: label tree (default `trainable_labels(params)`).
+
+    Returns:
+      dict with ``total``, ``trainable``, ``percent``, ``bytes`` (all leaves) and ``trainable_bytes``.
+      ``total`` counts the adapter factors plus the base (as PEFT does).
+    """
+    labels = trainable_labels(params) if labels is None else labels
+    total = trainable = nbytes = tbytes = 0
+    for l, p in zip(jax.tree_util.tree_leaves(labels), jax.tree_util.tree_leaves(params)):
+        n = int(np.prod(p.shape))
+        b = n * jnp.dtype(p.dtype).itemsize
+        total += n
+        nbytes += b
+        if l != FROZEN:
+            trainable += n
+            tbytes += b
+    return {"total": total, "trainable": trainable, "percent": 100.0 * trainable / max(total, 1),
+            "bytes": nbytes, "trainable_bytes": tbytes}
+
+
+def format_report(report: dict) -> str:
+    """``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7300`` (PEFT's wording)."""
+    return (f"trainable params: {report['trainable']:,} || all params: {report['total']:,} || "
+            f"trainable%: {report['percent']:.4f}")
