@@ -290,6 +290,31 @@ class Tokenizer:
             text = text[:at] if text[at : at + len(tag)] == tag else text[:at].rstrip()
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes ``tokenizer.json``, ``tokenizer_config.json`` (special tokens, chat template) and
+        ``chat_template.jinja`` into ``directory``, so that this class and ``transformers.AutoTokenizer`` load
+        the same tokenizer from it.
+
+        Args:
+            directory: the destination (created if needed); existing tokenizer files there are replaced.
+        """
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "model_max_length": 1_000_000_000_000_000_019_884_624_838_656}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if getattr(self, name) is not None:
+                config[name] = getattr(self, name)
+        files = {"tokenizer.json": self.backend.to_str(pretty=True),
+                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
+        if self.chat_template:
+            files["chat_template.jinja"] = self.chat_template
+        for name, text in files.items():
+            tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, os.path.join(directory, name))
+
     def __repr__(self) -> str:
         return (
             f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "

