@@ -45,7 +45,7 @@ def run_jlora(a) -> dict:
         params = jlora.init_params(cfg, jax.random.key(0))
     else:
         cfg, params = jlora.load_pretrained(a.model)
-    cfg = cfg.replace(dtype=a.dtype, remat=a.remat)
+    cfg = cfg.replace(dtype=a.dtype, remat=a.remat, attention=a.attention)
     if a.method == "lora":
         params = jlora.lora.init(jax.random.key(1), cfg, params,
                                  jlora.LoraConfig(r=8, alpha=16, target_modules=_targets(cfg.arch)))
@@ -77,7 +77,8 @@ def run_jlora(a) -> dict:
     out = {"framework": "jlora", "method": a.method, "step_s": dt, "tokens_per_s": a.batch * a.seq / dt,
            "compile_s": compile_s, "loss": float(m["loss"]), "peak_rss_mb": _peak_rss_mb(),
            "n_params": cfg.num_params(), "trainable": jlora.param_report(state.params, labels)["trainable"],
-           "device": jax.devices()[0].device_kind, "L": cfg.n_layers, "d": cfg.d_model}
+           "device": jax.devices()[0].device_kind, "L": cfg.n_layers, "d": cfg.d_model,
+           "attention": jlora.model.attention_impl(cfg, jnp.dtype(cfg.dtype), False)}
     try:
         stats = jax.devices()[0].memory_stats()
         if stats and "peak_bytes_in_use" in stats:
@@ -171,6 +172,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--frozen-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     p.add_argument("--methods", default="lora,full")
     p.add_argument("--frameworks", default="jlora,torch")
     p.add_argument("--json", default=None)

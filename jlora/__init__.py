@@ -11,10 +11,12 @@ Hugging Face / PEFT / GGUF interop. See README.md for the tour; the public surfa
 from jlora import tree
 from jlora.config import PRESETS, ModelConfig, preset
 from jlora.convert import load_pretrained, save_pretrained
+from jlora.convert.peft import load_adapter, lora_config_from_peft, save_adapter
 from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul, merge
 from jlora.model import apply, forward, init_cache, init_params, lm_head, param_shapes
 from jlora.peft import lora
 from jlora.peft.lora import LoRA, LoraConfig
+from jlora.tokenizer import Tokenizer, load_tokenizer
 from jlora.tree import combine, format_report, param_report, split, trainable_labels
 
 __version__ = "0.1.0"

@@ -40,6 +40,8 @@ class ModelConfig:
       bos_token_id, eos_token_id, pad_token_id: special ids (eos may be a tuple of ids).
       dtype: compute dtype of activations ("float32" or "bfloat16"); logits are returned in float32.
       remat: recompute each block in the backward pass instead of storing its activations.
+      attention: "auto" (cuDNN fused attention on GPU for 16-bit causal attention without a padding mask,
+        XLA otherwise), "xla" or "cudnn" (`jax.nn.dot_product_attention`'s implementations).
       name: a label for reports.
 
     Example:
@@ -68,6 +70,7 @@ class ModelConfig:
     pad_token_id: Optional[int] = None
     dtype: str = "float32"
     remat: bool = False
+    attention: str = "auto"
     name: str = "custom"
 
     def __post_init__(self):
@@ -86,6 +89,8 @@ class ModelConfig:
             raise ValueError("ModelConfig: GPT-2 has no grouped-query attention (n_kv_heads must equal n_heads)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"ModelConfig.attention must be auto, xla or cudnn, got {self.attention!r}")
         if isinstance(self.eos_token_id, list):  # keep the config hashable
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 

@@ -81,11 +81,25 @@ def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
 
 
+def attention_impl(cfg: ModelConfig, dtype, masked: bool) -> str:
+    """Which `jax.nn.dot_product_attention` implementation to use (its own default is always XLA).
+
+    cuDNN's fused (flash) attention never materializes the [B, N, T, T] scores; it needs a GPU, a 16-bit
+    dtype and a head size that is a multiple of 8 up to 128, and here is used only for the plain causal case.
+    """
+    if cfg.attention != "auto":
+        return cfg.attention
+    ok = (not masked and jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and cfg.dim_head % 8 == 0 and cfg.dim_head <= 128)
+    return "cudnn" if ok else "xla"
+
+
 def _attention(cfg: ModelConfig, q, k, v, mask: Optional[jax.Array]) -> jax.Array:
     """q: [B, T, N, D], k/v: [B, S, K, D]; mask: bool broadcastable to [B, N, T, S] or None for plain causal."""
+    impl = attention_impl(cfg, q.dtype, mask is not None)
     if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
 def _attn_block(cfg: ModelConfig, p: dict, x, positions, mask, layer_cache, cache_index):

@@ -77,7 +77,7 @@ def select(params, targets: Union[str, Sequence[str]], layers: Optional[Iterable
     """
     layer_set = None if layers is None else set(int(i) for i in layers)
     out = []
-    for name in sorted(linear_modules(params), key=_natural_key):
+    for name in sorted(linear_modules(params), key=natural_key):
         if not match_module(name, targets):
             continue
         if layer_set is not None and layer_index(name) not in layer_set:
@@ -86,7 +86,8 @@ def select(params, targets: Union[str, Sequence[str]], layers: Optional[Iterable
     return out
 
 
-def _natural_key(name: str):
+def natural_key(name: str):
+    """Sort key that orders ``layers.10`` after ``layers.9``."""
     return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 

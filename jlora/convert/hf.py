@@ -80,7 +80,7 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     common = dict(vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
                   eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
-                  name=hf.get("_name_or_path") or mt)
+                  name=hf.get("_name_or_path") or "custom")
     if mt == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
