@@ -217,3 +217,23 @@ def test_label_smoothing_and_prompt_mask():
     s, n = train.lm_loss_sum(cfg, params, {"input_ids": ids}, label_smoothing=0.1)
     expect = 0.9 * nll + 0.1 * (-logp.mean(-1))
     assert float(s) == pytest.approx(expect.sum(), rel=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_trainables_and_remat_matches():
+    cfg = jlora.preset("tiny-llama")
+    params = jlora.lora.init(jax.random.key(1), cfg, jlora.init_params(cfg, jax.random.key(0)),
+                             jlora.LoraConfig(r=4, init=False))
+    labels = jlora.trainable_labels(params)
+    tx = train.make_optimizer(labels, 1e-3)
+    batch = _batch(cfg)
+    results = {}
+    for name, c in {"fp32": cfg, "remat": cfg.replace(remat=True), "bf16": cfg.replace(dtype="bfloat16")}.items():
+        state, m = jax.jit(train.make_train_step(c, tx, labels))(train.init_state(params, tx), batch)
+        results[name] = (state, float(m["loss"]))
+    s16, loss16 = results["bf16"]
+    assert {x.dtype for x in jax.tree_util.tree_leaves(jlora.split(s16.params, labels)[0])} == {jnp.dtype("float32")}
+    assert abs(loss16 - results["fp32"][1]) < 0.05  # bf16 activations, same loss to bf16 precision
+    s_remat, loss_remat = results["remat"]
+    assert loss_remat == pytest.approx(results["fp32"][1], rel=1e-6)
+    for x, y in zip(jax.tree_util.tree_leaves(s_remat.params), jax.tree_util.tree_leaves(results["fp32"][0].params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
