@@ -12,6 +12,7 @@ from jlora import tree
 from jlora.config import PRESETS, ModelConfig, preset
 from jlora.convert import load_pretrained, save_pretrained
 from jlora.convert.peft import load_adapter, lora_config_from_peft, save_adapter
+from jlora.generate import chat, generate
 from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul, merge
 from jlora.model import apply, forward, init_cache, init_params, lm_head, param_shapes
 from jlora.peft import lora

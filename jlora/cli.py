@@ -96,7 +96,7 @@ def cmd_generate(a):
             text = jlora.chat(cfg, params, tok, messages, **kwargs)
         else:
             ids = jlora.generate(cfg, params, tok.encode(prompt), eos_token_id=tok.eos_token_ids or None, **kwargs)
-            text = tok.decode(ids[0], skip_special_tokens=True)
+            text = tok.decode(ids, skip_special_tokens=True)
         dt = time.perf_counter() - t0
         if a.json:
             print(json.dumps({"prompt": prompt, "completion": text, "seconds": round(dt, 3)}))
