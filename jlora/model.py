@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import ModelConfig
-from jlora.kernels import matmul
+from jlora.kernels import is_wrapper, matmul
 
 Params = dict
 Cache = dict
@@ -238,11 +238,37 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: O
     return x, new_cache
 
 
-def lm_head(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
-    """Projects hidden states to vocabulary logits (in the compute dtype)."""
+def lm_head(cfg: ModelConfig, params: Params, hidden: jax.Array, pad_to: int = 1) -> jax.Array:
+    """Projects hidden states to vocabulary logits (in the compute dtype).
+
+    Args:
+      cfg: model config.
+      params: parameter tree.
+      hidden: ``[..., d]`` final hidden states.
+      pad_to: round the vocabulary up to a multiple of this (e.g. 128) so the head matmul has aligned shapes
+        (GPT-2's 50257 is not); the extra logits are ``-inf``-like and must be ignored or sliced by the caller.
+        A head that is a kernel wrapper (e.g. LoRA on ``lm_head``) is not padded.
+
+    Returns:
+      ``[..., vocab]`` logits, or ``[..., padded vocab]`` when ``pad_to`` > 1.
+    """
+    v = cfg.vocab_size
+    extra = (-v) % pad_to
     if cfg.tie_embeddings:
-        return jnp.matmul(hidden, embedding(cfg, params).astype(hidden.dtype).T)
-    return matmul(hidden, params["lm_head"]["kernel"])
+        w = embedding(cfg, params).astype(hidden.dtype)
+        if extra:
+            w = jnp.pad(w, ((0, extra), (0, 0)))
+        logits = jnp.matmul(hidden, w.T)
+    else:
+        kernel = params["lm_head"]["kernel"]
+        if extra and not is_wrapper(kernel):
+            logits = jnp.matmul(hidden, jnp.pad(kernel.astype(hidden.dtype), ((0, 0), (0, extra))))
+        else:
+            logits, extra = matmul(hidden, kernel), 0
+    if extra:
+        pad_mask = jnp.arange(v + extra) >= v
+        logits = jnp.where(pad_mask, jnp.asarray(-1e9, logits.dtype), logits)
+    return logits
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

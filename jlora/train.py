@@ -105,6 +105,9 @@ def token_weights(batch) -> jax.Array:
     return w[:, 1:].astype(jnp.float32)
 
 
+VOCAB_PAD = 128  # the loss pads the head to a multiple of this: aligned matmul shapes (GPT-2's 50257 is not)
+
+
 def lm_loss_sum(cfg: ModelConfig, params, batch, label_smoothing: float = 0.0):
     """Summed causal-LM cross-entropy over the weighted targets, and the summed weight.
 
@@ -120,12 +123,13 @@ def lm_loss_sum(cfg: ModelConfig, params, batch, label_smoothing: float = 0.0):
     ids = batch["input_ids"]
     attn = batch.get("attention_mask")
     hidden, _ = forward(cfg, params, ids[:, :-1], attention_mask=None if attn is None else attn[:, :-1])
-    logits = lm_head(cfg, params, hidden).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    logits = lm_head(cfg, params, hidden, pad_to=VOCAB_PAD).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # padded columns hold -1e9: exp() is exactly 0 there
     target_logit = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
     nll = lse - target_logit
     if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1))
+        mean_logit = logits[..., :cfg.vocab_size].mean(-1)
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
     w = token_weights(batch)
     return jnp.sum(nll * w), jnp.sum(w)
 
