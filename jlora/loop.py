@@ -1,0 +1,277 @@
+"""The training loop: schedule, evaluation, logging, checkpoints with exact resume, a NaN guard.
+
+`fit` drives `jlora.train.make_train_step` over `jlora.data.Batches`. The batch at step k is a pure function
+of (seed, k) and the checkpoint holds the train state (step, trainable params, optimizer state, PRNG key), so
+a run restarted from its last checkpoint computes bitwise the same steps as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jlora import train
+from jlora.checkpoint import Checkpointer
+from jlora.config import ModelConfig
+from jlora.tbwriter import SummaryWriter
+from jlora.tree import param_report, trainable_labels
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or gradient norm became NaN/Inf; the run stopped without saving the bad state."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Options of `fit`.
+
+    Args:
+      steps: total optimizer steps of the run (a resumed run continues up to this).
+      learning_rate: peak learning rate.
+      schedule: "constant", "linear" (decay to ``min_lr_ratio``) or "cosine", after ``warmup_steps`` of
+        linear warm-up from 0.
+      warmup_steps: warm-up length.
+      min_lr_ratio: final learning rate as a fraction of the peak.
+      weight_decay: AdamW decoupled weight decay (matrices only).
+      max_grad_norm: clip the global gradient norm (None: off).
+      label_smoothing: see `jlora.train.lm_loss_sum`.
+      lr_ratios: per-role learning-rate multipliers (e.g. ``{"lora_b": 16}`` for LoRA+).
+      eval_every: evaluate every N steps (0: only at the end; needs eval batches).
+      save_every: checkpoint every N steps (0: only at the end).
+      keep_last: checkpoints kept (plus the best by eval loss when there are eval batches).
+      log_every: print/log training metrics every N steps (also the NaN-check interval).
+      seed: PRNG seed of the train state (dropout).
+    """
+
+    steps: int = 100
+    learning_rate: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    label_smoothing: float = 0.0
+    lr_ratios: Optional[Dict[str, float]] = None
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"FitConfig.steps must be >= 1, got {self.steps}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"FitConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"FitConfig.warmup_steps must be in [0, steps], got {self.warmup_steps}")
+        for name in ("eval_every", "save_every", "keep_last", "log_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"FitConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def make_schedule(fc: FitConfig) -> Callable:
+    """The learning-rate schedule of ``fc`` as an optax schedule (step -> lr)."""
+    peak, end = fc.learning_rate, fc.learning_rate * fc.min_lr_ratio
+    decay_steps = max(fc.steps - fc.warmup_steps, 1)
+    if fc.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif fc.schedule == "linear":
+        after = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=fc.min_lr_ratio)
+    if fc.warmup_steps == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, fc.warmup_steps), after], [fc.warmup_steps])
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: Any
+    labels: Any
+    history: list
+    resumed_from: Optional[int]
+    eval: Dict[str, float]
+
+
+def evaluate(eval_step, params, batches) -> Dict[str, float]:
+    """Token-weighted mean loss and perplexity over every batch of ``batches`` (a `jlora.data.Batches`)."""
+    loss_sum, tokens = 0.0, 0.0
+    for _, batch in batches.iterate(0, batches.steps_per_epoch):
+        out = eval_step(params, batch)
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+class _Progress:
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def show(self, step: int, loss: float, tok_s: float):
+        if not self.enabled:
+            return
+        done = step - self.start
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        width = 24
+        filled = int(width * step / self.total)
+        bar = "#" * filled + "-" * (width - filled)
+        line = (f"[{bar}] step {step}/{self.total} | loss {loss:.4f} | {tok_s:,.0f} tok/s | "
+                f"ETA {_fmt_time(eta)}")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def _fmt_time(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: FitConfig = FitConfig(),
+        labels=None, eval_batches=None, eval_fn: Optional[Callable[[Any], Dict[str, float]]] = None,
+        base_ref: Optional[str] = None, run_config: Optional[dict] = None, progress: bool = True,
+        stop_at: Optional[int] = None, log: Callable[[str], None] = print) -> FitResult:
+    """Trains ``params`` for ``fit_config.steps`` steps, resuming automatically from ``run_dir``.
+
+    Args:
+      cfg: model config (``cfg.dtype`` = compute dtype, ``cfg.remat``).
+      params: the initial parameter tree (e.g. after `jlora.lora.init`); its frozen part is also the base a
+        resumed run is checked against.
+      train_batches: a `jlora.data.Batches`; ``batch_at(k)`` feeds step k.
+      run_dir: checkpoints, ``metrics.jsonl``, TensorBoard events (``tb/``) and ``run_config.json`` go here.
+        If it already holds checkpoints, the latest good one is restored and the run continues from it.
+      fit_config: the loop options.
+      labels: the label tree (default `jlora.trainable_labels(params)`: adapters if any, else everything).
+      eval_batches: optional `jlora.data.Batches` for evaluation (loss, perplexity).
+      eval_fn: optional ``params -> {name: value}`` extra evaluation (e.g. a generation-based score).
+      base_ref: a string recorded with checkpoints naming the base model.
+      run_config: a JSON-able dict describing the run; a run directory made with a different one is refused.
+      progress: show a progress line on stderr.
+      stop_at: stop (with a checkpoint) once this step is reached, e.g. to fit a job's time limit; running
+        `fit` again on the same run directory resumes and finishes the run exactly as if it had not stopped.
+      log: where to print milestones.
+
+    Returns:
+      `FitResult` with the final state, labels, the logged history, the step resumed from and the last eval.
+
+    Raises:
+      TrainingDiverged: the loss became NaN/Inf (the last good checkpoint is left intact).
+    """
+    fc = fit_config
+    labels = trainable_labels(params) if labels is None else labels
+    schedule = make_schedule(fc)
+    tx = train.make_optimizer(labels, schedule, weight_decay=fc.weight_decay, lr_ratios=fc.lr_ratios)
+    state = train.init_state(params, tx, fc.seed)
+    del params
+    accum = getattr(train_batches, "accum_steps", 1)
+    step_fn = jax.jit(train.make_train_step(cfg, tx, labels, max_grad_norm=fc.max_grad_norm,
+                                            label_smoothing=fc.label_smoothing, accum_steps=accum),
+                      donate_argnums=0)
+    eval_step = jax.jit(train.make_eval_step(cfg)) if eval_batches is not None else None
+    os.makedirs(run_dir, exist_ok=True)
+    data_fp = getattr(train_batches, "fingerprint", None)
+    config = dict(run_config or {})
+    config.setdefault("data_fingerprint", data_fp)
+    ckpt = Checkpointer(run_dir, save_every=fc.save_every or fc.steps, keep_last=max(fc.keep_last, 1),
+                        keep_best=1 if eval_batches is not None else 0,
+                        best_metric="eval_loss" if eval_batches is not None else None,
+                        base_ref=base_ref, config=config)
+    resumed_from = ckpt.latest_step()
+    if resumed_from is not None:
+        state, extra = ckpt.restore(like_state=state, labels=labels)
+        log(f"resumed from step {int(state.step)} in {run_dir}")
+    rep = param_report(state.params, labels)
+    log(f"trainable params: {rep['trainable']:,} / {rep['total']:,} ({rep['percent']:.3f}%)")
+
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    tb = SummaryWriter(os.path.join(run_dir, "tb"))
+    history: list = []
+
+    def record(entry):
+        history.append(entry)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        tb.scalars(entry["step"], {k: v for k, v in entry.items() if k != "step" and isinstance(v, (int, float))})
+
+    def run_eval(step):
+        out = {}
+        if eval_step is not None:
+            out.update(evaluate(eval_step, state.params, eval_batches))
+        if eval_fn is not None:
+            out.update({k: float(v) for k, v in eval_fn(state.params).items()})
+        if out:
+            record({"step": step, **out})
+            log(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+        return out
+
+    start = int(state.step)
+    prog = _Progress(fc.steps, start, progress)
+    last_eval: Dict[str, float] = {}
+    pending = []  # device metrics since the last log, checked for NaN before any save
+    t_log, tokens_since = time.perf_counter(), 0.0
+    try:
+        for step in range(start, fc.steps):
+            state, m = step_fn(state, train_batches.batch_at(step))
+            pending.append(m)
+            done = step + 1
+            is_last = done == fc.steps
+            stopping = stop_at is not None and done >= stop_at and not is_last
+            do_eval = (fc.eval_every and done % fc.eval_every == 0) or is_last
+            do_save = (fc.save_every and done % fc.save_every == 0) or is_last or stopping
+            if done % max(fc.log_every, 1) == 0 or do_eval or do_save:
+                host = jax.device_get(pending)
+                pending = []
+                for i, hm in enumerate(host):
+                    if not (np.isfinite(hm["loss"]) and np.isfinite(hm["grad_norm"])):
+                        bad = done - len(host) + i + 1
+                        good = ckpt.latest_step()
+                        raise TrainingDiverged(
+                            f"loss became {float(hm['loss'])} (grad norm {float(hm['grad_norm'])}) at step {bad}; "
+                            f"stopped without saving. The last good checkpoint is "
+                            f"{'step ' + str(good) if good is not None else 'none'} in {run_dir}; lower the "
+                            f"learning rate or enable max_grad_norm and rerun to resume from it.")
+                tokens_since += sum(float(hm["tokens"]) for hm in host)
+                now = time.perf_counter()
+                tok_s = tokens_since / max(now - t_log, 1e-9)
+                t_log, tokens_since = now, 0.0
+                loss = float(np.mean([hm["loss"] for hm in host]))
+                record({"step": done, "loss": loss, "grad_norm": float(host[-1]["grad_norm"]),
+                        "lr": float(schedule(step)), "tokens_per_s": tok_s})
+                prog.show(done, loss, tok_s)
+            if do_eval:
+                last_eval = run_eval(done)
+            if do_save:
+                ckpt.save(done, state, labels, metrics=last_eval if do_eval else None,
+                          extra={"data_fingerprint": data_fp}, force=is_last or stopping)
+            if stopping:
+                log(f"stopped at step {done} (stop_at); run again to resume")
+                break
+        if start >= fc.steps:
+            log(f"run already complete at step {start} (FitConfig.steps = {fc.steps})")
+            last_eval = run_eval(start)
+    finally:
+        prog.close()
+        tb.close()
+        ckpt.close()
+    return FitResult(state=state, labels=labels, history=history, resumed_from=resumed_from, eval=last_eval)
