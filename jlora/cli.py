@@ -139,6 +139,30 @@ def cmd_export(a):
     print(f"exported ({a.format}) -> {a.out}")
 
 
+def cmd_train(a):
+    from jlora import run
+
+    conf = run.load_config(a.config, _overrides(a))
+    res = run.train_run(conf, progress=not a.no_progress, stop_at=a.stop_at)
+    print(json.dumps({"step": int(res.state.step), "resumed_from": res.resumed_from, **res.eval}))
+
+
+def _overrides(a):
+    out = list(a.set or [])
+    for flag, key in (("model", "model.path"), ("data", "data.train"), ("run_dir", "run.dir"),
+                      ("steps", "run.steps"), ("method", "method.kind")):
+        value = getattr(a, flag, None)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return out
+
+
+def cmd_eval(a):
+    from jlora import run
+
+    print(json.dumps(run.eval_run(a.run, data_path=a.data, which=a.checkpoint)))
+
+
 def cmd_info(a):
     import jlora
 
@@ -175,7 +199,7 @@ def cmd_demo(a):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jlora", description="Fine-tune GPT-style language models in JAX: "
-                                "convert checkpoints, generate, merge and export adapters.")
+                                "train (full or LoRA), evaluate, convert checkpoints, generate, merge and export adapters.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     model_help = "HF model dir or .gguf file (default: the built-in SmolLM2-135M-Instruct)"
 
@@ -213,6 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     e.set_defaults(fn=cmd_export)
+
+    t = sub.add_parser("train", help="train (full or LoRA) from a TOML/YAML config; resumes automatically")
+    t.add_argument("--config", default=None, help="run config (.toml or .yaml); see jlora/run.py for the keys")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    t.add_argument("--model", default=None, help="shortcut for --set model.path=...")
+    t.add_argument("--data", default=None, help="shortcut for --set data.train=...")
+    t.add_argument("--run-dir", default=None, help="shortcut for --set run.dir=...")
+    t.add_argument("--steps", type=int, default=None, help="shortcut for --set run.steps=...")
+    t.add_argument("--method", default=None, choices=["lora", "full"], help="shortcut for --set method.kind=...")
+    t.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step; rerun to resume")
+    t.add_argument("--no-progress", action="store_true", help="no progress line")
+    t.set_defaults(fn=cmd_train)
+
+    v = sub.add_parser("eval", help="evaluate a trained run's best (or latest) checkpoint: loss, perplexity")
+    v.add_argument("--run", required=True, help="run directory")
+    v.add_argument("--data", default=None, help="evaluate on this file instead of the run's eval set")
+    v.add_argument("--checkpoint", default="best", help="best | latest | STEP")
+    v.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("info", help="print a model's config and parameter counts")
     i.add_argument("--model", default=DEFAULT_MODEL, help=model_help)

@@ -1,0 +1,279 @@
+"""A training run described by a config file (TOML or YAML): what `jlora train` and `jlora eval` execute.
+
+    [model]
+    path = "smollm2"            # HF dir, .gguf file, "smollm2" (the built-in default) or a preset name (random init)
+    dtype = "float32"           # compute dtype: float32 | bfloat16
+    base_dtype = "float32"      # storage of the frozen base in a LoRA run: float32 | bfloat16
+    remat = false
+
+    [method]
+    kind = "lora"               # lora | full
+    r = 8
+    alpha = 16
+    target_modules = ["q_proj", "v_proj"]
+
+    [data]
+    train = "train.jsonl"       # .jsonl (text / prompt+completion / chat) or .txt
+    eval = ""                   # a separate eval file, or use eval_fraction of train
+    eval_fraction = 0.05
+    seq_len = 256
+    batch_size = 8
+
+    [optim]
+    learning_rate = 2e-4
+    schedule = "cosine"
+    warmup_steps = 20
+
+    [run]
+    dir = "runs/my-run"
+    steps = 500
+    eval_every = 100
+    save_every = 100
+
+Every key is checked: an unknown section or key is an error naming it. ``--set section.key=value`` overrides a
+value (parsed as TOML, so ``--set optim.learning_rate=1e-4`` and ``--set method.target_modules='["q_proj"]'``
+work). The resolved config is stored in the run directory; a run directory made with a different config is
+refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "model": {"path": "smollm2", "dtype": "float32", "base_dtype": "float32", "remat": False},
+    "method": {"kind": "lora", "r": 8, "alpha": 16.0, "target_modules": None, "dropout": 0.0, "use_rslora": False,
+               "rank_pattern": {}, "alpha_pattern": {}, "init": True, "layers_to_transform": None,
+               "fused_qkv": None},
+    "data": {"train": None, "eval": None, "eval_fraction": 0.0, "seq_len": 256, "batch_size": 8,
+             "eval_batch_size": None, "accum_steps": 1, "pack": True, "overflow": "truncate", "seed": 0},
+    "optim": {"learning_rate": 2e-4, "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0,
+              "weight_decay": 0.0, "max_grad_norm": 1.0, "label_smoothing": 0.0, "lr_ratios": None},
+    "run": {"dir": None, "steps": 100, "eval_every": 0, "save_every": 0, "keep_last": 2, "log_every": 10,
+            "seed": 0},
+}
+
+
+def _parse_value(text: str):
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
+    """Reads a run config (TOML or YAML), applies ``section.key=value`` overrides and fills defaults.
+
+    Args:
+      path: a ``.toml`` or ``.yaml``/``.yml`` file, or None for defaults only.
+      overrides: ``"section.key=value"`` strings (value parsed as TOML, else taken as a string).
+
+    Returns:
+      the resolved config: every section of `DEFAULTS` with every key.
+    """
+    conf: Dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such config file")
+        if path.endswith(".toml"):
+            import tomllib
+
+            try:
+                with open(path, "rb") as f:
+                    conf = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not valid TOML ({e})") from None
+        elif path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML") from None
+            with open(path) as f:
+                conf = yaml.safe_load(f) or {}
+        else:
+            raise ValueError(f"{path}: config files must be .toml or .yaml")
+    src = path or "config"
+    out = copy.deepcopy(DEFAULTS)
+    for section, values in conf.items():
+        if section not in DEFAULTS:
+            raise ValueError(f"{src}: unknown section [{section}] (known: {', '.join(DEFAULTS)})")
+        if not isinstance(values, dict):
+            raise ValueError(f"{src}: [{section}] must be a table of keys")
+        for key, value in values.items():
+            if key not in DEFAULTS[section]:
+                raise ValueError(f"{src}: unknown key {section}.{key} (known: {', '.join(DEFAULTS[section])})")
+            out[section][key] = value
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in DEFAULTS or key not in DEFAULTS[section]:
+            raise ValueError(f"--set {item!r}: unknown key {dotted}")
+        out[section][key] = _parse_value(text)
+    _validate(out, src)
+    return out
+
+
+def _validate(c, src):
+    if c["method"]["kind"] not in ("lora", "full"):
+        raise ValueError(f"{src}: method.kind must be 'lora' or 'full', got {c['method']['kind']!r}")
+    if not c["data"]["train"]:
+        raise ValueError(f"{src}: data.train is required (a .jsonl or .txt file)")
+    if not c["run"]["dir"]:
+        raise ValueError(f"{src}: run.dir is required (where checkpoints and results go)")
+    for sec, key in (("model", "dtype"), ("model", "base_dtype")):
+        if c[sec][key] not in ("float32", "bfloat16"):
+            raise ValueError(f"{src}: {sec}.{key} must be float32 or bfloat16, got {c[sec][key]!r}")
+
+
+def _fit_config(c):
+    from jlora.loop import FitConfig
+
+    o, r = c["optim"], c["run"]
+    return FitConfig(steps=r["steps"], learning_rate=o["learning_rate"], schedule=o["schedule"],
+                     warmup_steps=o["warmup_steps"], min_lr_ratio=o["min_lr_ratio"], weight_decay=o["weight_decay"],
+                     max_grad_norm=o["max_grad_norm"], label_smoothing=o["label_smoothing"],
+                     lr_ratios=o["lr_ratios"], eval_every=r["eval_every"], save_every=r["save_every"],
+                     keep_last=r["keep_last"], log_every=r["log_every"], seed=r["seed"])
+
+
+def lora_config(c):
+    """The `jlora.LoraConfig` of a resolved run config's [method] section."""
+    import jlora
+
+    m = c["method"]
+    kw = {k: m[k] for k in ("r", "dropout", "use_rslora", "rank_pattern", "alpha_pattern", "init",
+                            "layers_to_transform", "fused_qkv")}
+    return jlora.LoraConfig(alpha=float(m["alpha"]), target_modules=m["target_modules"], **kw)
+
+
+def build_model(c, log=print):
+    """(model path, cfg, params ready for training) from a resolved config: loads the base, applies the
+    method and the dtypes."""
+    import jax
+    import jax.numpy as jnp
+
+    import jlora
+    from jlora.cli import resolve_model
+
+    spec = c["model"]["path"]
+    if spec in jlora.PRESETS:
+        cfg = jlora.preset(spec)
+        params = jlora.init_params(cfg, jax.random.key(c["run"]["seed"]))
+        path = None
+    else:
+        path = resolve_model(spec)
+        cfg, params = jlora.load_pretrained(path)
+    cfg = cfg.replace(dtype=c["model"]["dtype"], remat=bool(c["model"]["remat"]))
+    if c["method"]["kind"] == "lora":
+        if c["model"]["base_dtype"] != "float32":
+            params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(c["model"]["base_dtype"])), params)
+        params = jlora.lora.init(jax.random.key(c["run"]["seed"] + 1), cfg, params, lora_config(c))
+    return path, cfg, params
+
+
+def build_data(c, tokenizer):
+    """(train Batches, eval Batches or None) from a resolved config's [data] section."""
+    from jlora import data
+
+    d = c["data"]
+    kw = dict(seq_len=d["seq_len"], seed=d["seed"], pack=d["pack"], overflow=d["overflow"])
+    if d["eval"]:
+        train_b, _ = data.make_batches(d["train"], tokenizer, batch_size=d["batch_size"],
+                                       accum_steps=d["accum_steps"], **kw)
+        eval_b, _ = data.make_batches(d["eval"], tokenizer, batch_size=d["eval_batch_size"] or d["batch_size"],
+                                      shuffle=False, drop_remainder=False, **kw)
+        return train_b, eval_b
+    return data.make_batches(d["train"], tokenizer, batch_size=d["batch_size"], accum_steps=d["accum_steps"],
+                             eval_fraction=d["eval_fraction"], eval_batch_size=d["eval_batch_size"], **kw)
+
+
+def _tokenizer_for(path, c):
+    import jlora
+
+    if path is None:
+        raise ValueError(f"model.path {c['model']['path']!r} is a preset with random weights and no tokenizer; "
+                         "train on a real model (HF dir, .gguf or 'smollm2')")
+    return jlora.load_tokenizer(path)
+
+
+def train_run(c, log=print, progress=True, eval_fn=None, stop_at=None):
+    """Runs (or resumes) the training described by the resolved config ``c`` and writes the result:
+    a PEFT adapter (``<dir>/adapter``) for LoRA or a Hugging Face model (``<dir>/model``) for full fine-tuning.
+
+    Returns:
+      the `jlora.loop.FitResult`.
+    """
+    import jlora
+    from jlora.loop import fit
+
+    path, cfg, params = build_model(c, log)
+    tok = _tokenizer_for(path, c)
+    train_b, eval_b = build_data(c, tok)
+    run_dir = c["run"]["dir"]
+    log(f"model {path}: {cfg.arch}, {cfg.num_params():,} parameters; method {c['method']['kind']}; "
+        f"{train_b.num_sequences} training sequences, {train_b.steps_per_epoch} steps per epoch")
+    res = fit(cfg, params, train_b, run_dir=run_dir, fit_config=_fit_config(c), eval_batches=eval_b,
+              eval_fn=eval_fn, base_ref=path, run_config=c, progress=progress, stop_at=stop_at, log=log)
+    if int(res.state.step) == c["run"]["steps"]:
+        if c["method"]["kind"] == "lora":
+            out = os.path.join(run_dir, "adapter")
+            jlora.save_adapter(cfg, res.state.params, out, lora_config(c))
+        else:
+            out = os.path.join(run_dir, "model")
+            jlora.save_pretrained(cfg.replace(dtype="float32", remat=False), res.state.params, out)
+            tok.save(out)
+        log(f"wrote {out}")
+    return res
+
+
+def eval_run(run_dir: str, data_path: Optional[str] = None, which: str = "best", log=print) -> dict:
+    """Evaluates a trained run: restores its best (or latest) checkpoint and reports eval loss/perplexity.
+
+    Args:
+      run_dir: a run directory made by `train_run` (holds ``run_config.json``).
+      data_path: evaluate on this file instead of the run's eval set.
+      which: "best" (by eval loss, when the run evaluated) or "latest", or a step number.
+
+    Returns:
+      dict with ``step``, ``eval_loss``, ``eval_perplexity``, ``eval_tokens``.
+    """
+    import jax
+
+    import jlora
+    from jlora import data, loop, train
+    from jlora.checkpoint import Checkpointer
+
+    conf_path = os.path.join(run_dir, "run_config.json")
+    if not os.path.isfile(conf_path):
+        raise FileNotFoundError(f"{run_dir}: no run_config.json (not a jlora run directory)")
+    with open(conf_path) as f:
+        recorded = json.load(f)
+    c = {k: recorded[k] for k in DEFAULTS}
+    path, cfg, params = build_model(c, log)
+    tok = _tokenizer_for(path, c)
+    labels = jlora.trainable_labels(params)
+    with Checkpointer(run_dir) as ck:
+        step = {"best": ck.best_step(), "latest": ck.latest_step()}.get(which, None)
+        step = int(which) if step is None and str(which).isdigit() else step
+        if step is None:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate")
+        params = ck.restore_params(step, like_params=params, labels=labels)
+    d = c["data"]
+    if data_path:
+        eval_b, _ = data.make_batches(data_path, tok, seq_len=d["seq_len"], batch_size=d["eval_batch_size"] or
+                                      d["batch_size"], shuffle=False, drop_remainder=False, pack=d["pack"],
+                                      overflow=d["overflow"])
+    else:
+        _, eval_b = build_data(c, tok)
+        if eval_b is None:
+            raise ValueError(f"{run_dir}: the run has no eval set (data.eval / data.eval_fraction); pass --data")
+    out = loop.evaluate(jax.jit(train.make_eval_step(cfg)), params, eval_b)
+    return {"step": step, **out}

@@ -1,0 +1,116 @@
+"""`jlora train` / `jlora eval` from a config file, end to end on a tiny model directory with a tokenizer."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import models, pre_tokenizers, processors
+
+import jlora
+from jlora import run
+from jlora.cli import main
+from jlora.tokenizer import Tokenizer
+from conftest import make_hf_model
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(100)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    make_hf_model("llama", eos_token_id=2, bos_token_id=1).save_pretrained(d)
+    backend = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>"])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>").save(d)
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(48):  # "copy the prompt reversed": learnable, deterministic
+        words = [f"w{i}" for i in rng.integers(0, 100, 4)]
+        lines.append(json.dumps({"prompt": " ".join(words), "completion": " ".join(words[::-1])}))
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def _toml(path, model_dir, run_dir, kind="lora", steps=6):
+    path.write_text(f"""
+[model]
+path = "{model_dir}"
+[method]
+kind = "{kind}"
+r = 4
+alpha = 8
+target_modules = ["q_proj", "v_proj", "o_proj"]
+[data]
+train = "{model_dir / 'train.jsonl'}"
+eval_fraction = 0.25
+seq_len = 16
+batch_size = 4
+[optim]
+learning_rate = 1e-2
+warmup_steps = 2
+[run]
+dir = "{run_dir}"
+steps = {steps}
+eval_every = 3
+save_every = 3
+log_every = 3
+""")
+    return path
+
+
+def test_train_lora_writes_a_peft_adapter_and_evaluates(model_dir, tmp_path, capsys):
+    cfg_file = _toml(tmp_path / "run.toml", model_dir, tmp_path / "run")
+    assert main(["train", "--config", str(cfg_file), "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == 6 and np.isfinite(out["eval_loss"])
+    adapter = tmp_path / "run" / "adapter"
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg, base = jlora.load_pretrained(model_dir)
+    assert set(jlora.lora.adapters(jlora.load_adapter(cfg, base, adapter))) == {
+        f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj", "o_proj")}
+    assert main(["eval", "--run", str(tmp_path / "run")]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["eval_loss"] == pytest.approx(out["eval_loss"], rel=1e-5)
+    # Running again finds the finished run and does not train further.
+    assert main(["train", "--config", str(cfg_file), "--no-progress"]) == 0
+    assert "run already complete" in capsys.readouterr().out
+
+
+def test_train_full_writes_an_hf_model(model_dir, tmp_path, capsys):
+    cfg_file = _toml(tmp_path / "run.toml", model_dir, tmp_path / "run", kind="full", steps=3)
+    assert main(["train", "--config", str(cfg_file), "--no-progress", "--set", "optim.learning_rate=1e-3"]) == 0
+    cfg, params = jlora.load_pretrained(tmp_path / "run" / "model")
+    assert jlora.load_tokenizer(tmp_path / "run" / "model").encode("w1 w2") == [1, 5, 6]
+
+
+def test_stop_and_resume_from_the_command_line(model_dir, tmp_path, capsys):
+    cfg_file = _toml(tmp_path / "run.toml", model_dir, tmp_path / "run")
+    assert main(["train", "--config", str(cfg_file), "--no-progress", "--stop-at", "3"]) == 0
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert main(["train", "--config", str(cfg_file), "--no-progress"]) == 0
+    assert "resumed from step 3" in capsys.readouterr().out
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+
+
+def test_config_errors_name_the_key(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[optim]\nlearnig_rate = 1.0\n')
+    with pytest.raises(ValueError, match=r"bad.toml: unknown key optim.learnig_rate"):
+        run.load_config(str(bad))
+    bad.write_text('[optimizer]\nx = 1\n')
+    with pytest.raises(ValueError, match=r"unknown section \[optimizer\]"):
+        run.load_config(str(bad))
+    with pytest.raises(ValueError, match="data.train is required"):
+        run.load_config(None, ["run.dir=x"])
+    with pytest.raises(ValueError, match="method.kind must be"):
+        run.load_config(None, ["run.dir=x", "data.train=y", "method.kind=ia3"])
+    c = run.load_config(None, ["run.dir=x", "data.train=y", "optim.learning_rate=3e-4",
+                               'method.target_modules=["q_proj"]'])
+    assert c["optim"]["learning_rate"] == 3e-4 and c["method"]["target_modules"] == ["q_proj"]
+    assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--run-dir", str(tmp_path / "r"),
+                 "--model", str(model_dir), "--no-progress"]) == 1
+    assert "missing.jsonl" in capsys.readouterr().err
