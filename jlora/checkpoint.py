@@ -72,26 +72,10 @@ class CorruptCheckpointError(RuntimeError):
 # Trees <-> named leaves
 
 
-def _path_parts(path) -> Tuple[str, ...]:
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return tuple(parts)
-
-
 def _named(tree) -> Tuple[List[Tuple[str, ...]], List[Any], Any]:
     """(path tuples, leaves, treedef); ``None`` placeholders and ``MaskedNode`` have no leaves."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [_path_parts(p) for p, _ in flat], [x for _, x in flat], treedef
+    return [T.path_parts(p) for p, _ in flat], [x for _, x in flat], treedef
 
 
 def _nest(paths, leaves) -> dict:
@@ -448,10 +432,11 @@ class Checkpointer:
 
     # -- save -------------------------------------------------------------------------------------------------
 
-    def _base_info(self, frozen, paths, leaves) -> dict:
+    def _base_info(self, frozen, paths, leaves, fresh: bool = False) -> dict:
         key = tuple((".".join(p), tuple(x.shape), str(jnp.dtype(x.dtype))) for p, x in zip(paths, leaves))
-        # The base is frozen: hash its values once per Checkpointer (keyed by its structure).
-        if key not in self._base_cache:
+        # The base is frozen during a run: `save` hashes its values once per Checkpointer (keyed by its
+        # structure); `restore` always hashes the base it is given (``fresh``) and that becomes the cached one.
+        if fresh or key not in self._base_cache:
             self._base_cache[key] = base_fingerprint(frozen)
         return self._base_cache[key]
 
@@ -571,7 +556,7 @@ class Checkpointer:
 
     def _check_base(self, meta: dict, frozen, step_dir: str):
         f_paths, f_leaves, _ = _named(frozen)
-        mine = self._base_info(frozen, f_paths, f_leaves)
+        mine = self._base_info(frozen, f_paths, f_leaves, fresh=True)
         saved = meta["base"]
         if mine["hash"] == saved["hash"]:
             return

@@ -21,8 +21,8 @@ FROZEN = "frozen"
 FULL = "full"
 
 
-def path_str(path) -> str:
-    """A `jax.tree_util` key path as a dotted name, e.g. ``model.layers.0.self_attn.q_proj.kernel``."""
+def path_parts(path) -> Tuple[str, ...]:
+    """A `jax.tree_util` key path as a tuple of names, e.g. ``("model", "layers", "0", ..., "kernel")``."""
     parts = []
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):
@@ -31,9 +31,16 @@ def path_str(path) -> str:
             parts.append(k.name)
         elif isinstance(k, jax.tree_util.SequenceKey):
             parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
         else:
             parts.append(str(k))
-    return ".".join(parts)
+    return tuple(parts)
+
+
+def path_str(path) -> str:
+    """A `jax.tree_util` key path as a dotted name, e.g. ``model.layers.0.self_attn.q_proj.kernel``."""
+    return ".".join(path_parts(path))
 
 
 def named_leaves(params) -> Dict[str, object]:

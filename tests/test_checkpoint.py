@@ -179,6 +179,7 @@ def test_base_mismatch_refused(base, lora_run, tmp_path):
             ck.restore(like_state=other, labels=labels)
         assert str(tmp_path) in str(e.value) and "hf/tiny-llama" in str(e.value)
         restored, _ = ck.restore(like_state=other, labels=labels, check_base=False)  # explicit override
+        ck.restore(like_state=fresh, labels=labels)  # the right base, after a refusal, in the same Checkpointer
         assert ck.all_steps() == [2]  # a refused restore is not "corruption": nothing moved
         # Another PEFT config (rank) is a clear error too, raised before any array is read.
         lcfg8 = lcfg.replace(r=8)
