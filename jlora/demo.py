@@ -34,15 +34,15 @@ class DemoConfig:
       train_seed, eval_seed: seeds of the generated training and evaluation examples (disjoint sets).
     """
 
-    steps: int = 150
-    batch_size: int = 8
+    steps: int = 100
+    batch_size: int = 4
     learning_rate: float = 2e-3
-    warmup_steps: int = 10
+    warmup_steps: int = 5
     r: int = 8
     alpha: float = 16.0
     targets: tuple = ALL_LINEAR
     n_eval: int = 100
-    seq_len: int = 112
+    seq_len: int = 96
     max_new_tokens: int = 16
     train_seed: int = 1
     eval_seed: int = 2
@@ -129,7 +129,9 @@ def run_demo(out_dir: str = "out/demo", demo: DemoConfig = DemoConfig(), model_p
     adapter_dir = os.path.join(out_dir, "adapter")
     jlora.save_adapter(cfg, trained, adapter_dir, lcfg)
     size = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir))
-    reloaded_params = jlora.load_adapter(cfg, base, adapter_dir)
+    # fit donated the input buffers (the base inside the LoRA wrappers included): the base is now the one
+    # inside the trained tree.
+    reloaded_params = jlora.load_adapter(cfg, jlora.lora.strip(trained), adapter_dir)
     reloaded = demo_task.score(answer(cfg, reloaded_params, tok, eval_ex, demo), refs)
     log(f"\nsaved the PEFT adapter to {adapter_dir} ({size / 1e6:.1f} MB vs the {os.path.getsize(path) / 1e6:.0f} MB "
         f"model file); reloaded onto the base: exact match {reloaded:.1%}")

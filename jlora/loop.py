@@ -175,6 +175,11 @@ def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: Fi
     Returns:
       `FitResult` with the final state, labels, the logged history, the step resumed from and the last eval.
 
+    Note:
+      The train step donates its state, so the arrays of ``params`` (a LoRA run's frozen base included) are
+      consumed: use ``result.state.params`` afterwards (its base is ``jlora.lora.strip(result.state.params)``).
+      Donation is what lets XLA reuse the frozen weights' buffers instead of copying them every step.
+
     Raises:
       TrainingDiverged: the loss became NaN/Inf (the last good checkpoint is left intact).
     """
