@@ -34,7 +34,7 @@ class DemoConfig:
       train_seed, eval_seed: seeds of the generated training and evaluation examples (disjoint sets).
     """
 
-    steps: int = 100
+    steps: int = 60
     batch_size: int = 4
     learning_rate: float = 2e-3
     warmup_steps: int = 5
@@ -83,6 +83,7 @@ def run_demo(out_dir: str = "out/demo", demo: DemoConfig = DemoConfig(), model_p
 
     import jlora
     from jlora import data, demo_task
+    from jlora.checkpoint import config_hash
     from jlora.cli import default_model_path
     from jlora.loop import FitConfig, fit
 
@@ -110,9 +111,12 @@ def run_demo(out_dir: str = "out/demo", demo: DemoConfig = DemoConfig(), model_p
                                          pack=False, overflow="error")
     fc = FitConfig(steps=demo.steps, learning_rate=demo.learning_rate, warmup_steps=demo.warmup_steps,
                    schedule="cosine", max_grad_norm=1.0, log_every=10, save_every=demo.steps)
+    run_config = {"demo": dataclasses.asdict(demo), "model": path}
+    # One run directory per recipe: rerunning the same demo resumes/reuses it, a changed recipe starts afresh.
+    run_dir = os.path.join(out_dir, "run-" + config_hash(run_config)[:10])
     t0 = time.perf_counter()
-    res = fit(cfg, params, batches, run_dir=os.path.join(out_dir, "run"), fit_config=fc, base_ref=path,
-              run_config={"demo": dataclasses.asdict(demo), "model": path}, progress=progress, log=log)
+    res = fit(cfg, params, batches, run_dir=run_dir, fit_config=fc, base_ref=path, run_config=run_config,
+              progress=progress, log=log)
     t_train = time.perf_counter() - t0
     trained = res.state.params
 
