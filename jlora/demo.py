@@ -34,15 +34,15 @@ class DemoConfig:
       train_seed, eval_seed: seeds of the generated training and evaluation examples (disjoint sets).
     """
 
-    steps: int = 60
+    steps: int = 80
     batch_size: int = 4
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     warmup_steps: int = 5
     r: int = 8
     alpha: float = 16.0
     targets: tuple = ALL_LINEAR
     n_eval: int = 100
-    seq_len: int = 96
+    seq_len: int = 80
     max_new_tokens: int = 16
     train_seed: int = 1
     eval_seed: int = 2

@@ -8,8 +8,14 @@ the date in ISO form, e.g. ``2021-03-05``, and nothing else.
 Why this task: it is generated here (deterministic from a seed, nothing downloaded), scored by exact match, and
 it is a real skill — find the date among other numbers, map month names to numbers, zero-pad — that
 SmolLM2-135M-Instruct does poorly out of the box (it echoes the sentence or restates the date in its original
-form) and that a few hundred LoRA steps on a CPU teach it. Answers are short (10 digit/dash tokens + end of turn
-with SmolLM2's tokenizer, which splits digits), so training sequences are short and CPU steps are cheap.
+form) and that less than a hundred LoRA steps on a CPU teach it; the hard part to learn is zero-padding
+single-digit days ("2 Jan 2029" -> "2029-01-02", not "2029-01-2" or "2029-01-22"). Answers are short (10
+digit/dash tokens + end of turn with SmolLM2's tokenizer, which splits digits) and the instruction is one short
+system message (`SYSTEM`), so a whole chat fits in 80 tokens and CPU steps are cheap.
+
+Measured base rates (SmolLM2-135M-Instruct, greedy, held-out seed 2): with this system-message prompt, exact
+match 0/100 (the date appears somewhere in 6%); with the instruction in the user turn instead (the default
+system prompt), 3/64 exact, 30% somewhere. See bench/demo_prototype.py for the after-training numbers.
 
 Answer normalisation (the rule `normalize` implements, applied to predictions and references alike): strip
 surrounding whitespace, then any surrounding quotes or backticks, then one trailing period, then whitespace
@@ -21,6 +27,7 @@ versus content.
 Example:
   >>> ex = make_examples(2, seed=0)
   >>> ex[0]["messages"][1]["content"], ex[0]["completion"]     # the sentence and its ISO date
+  ('Please note that the contract expires on the 3rd of October, 1972, not in 17 weeks.', '1972-10-03')
   >>> score(["2021-03-05", "March 5"], ["2021-03-05", "2021-03-05"])
   0.5
 """
@@ -130,7 +137,8 @@ def make_examples(n: int, seed: int = 0) -> List[Dict]:
       last message to get the generation prompt) and ``"format"`` (which surface form the date was written in).
 
     Example:
-      >>> make_examples(1, seed=3)[0]["completion"]   # e.g. '1987-11-02'
+      >>> make_examples(1, seed=3)[0]["completion"]
+      '1991-02-18'
     """
     if n < 0:
         raise ValueError(f"make_examples: n must be >= 0, got {n}")
