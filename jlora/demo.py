@@ -34,9 +34,9 @@ class DemoConfig:
       train_seed, eval_seed: seeds of the generated training and evaluation examples (disjoint sets).
     """
 
-    steps: int = 80
+    steps: int = 100
     batch_size: int = 4
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     warmup_steps: int = 5
     r: int = 8
     alpha: float = 16.0
