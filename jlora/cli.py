@@ -114,11 +114,20 @@ def _stdin_prompts():
             yield line
 
 
-def cmd_merge(a):
+def _write_merged(path, cfg, params, out, dtype):
+    """Folds adapters into the base and writes an HF model dir, with the base's tokenizer when it has one."""
     import jlora
 
-    _, cfg, params = _load(a.model, a.adapter)
-    jlora.save_pretrained(cfg, jlora.merge(params), a.out, dtype=a.dtype)
+    jlora.save_pretrained(cfg, jlora.merge(params), out, dtype=dtype)
+    try:
+        jlora.load_tokenizer(path).save(out)
+    except (FileNotFoundError, ValueError):
+        pass  # a base without a tokenizer (e.g. weights only): the model dir is still complete
+
+
+def cmd_merge(a):
+    path, cfg, params = _load(a.model, a.adapter)
+    _write_merged(path, cfg, params, a.out, a.dtype)
     print(f"merged {a.adapter} into {a.model} -> {a.out}")
 
 
@@ -127,11 +136,7 @@ def cmd_export(a):
 
     path, cfg, params = _load(a.model, a.adapter)
     if a.format == "hf":
-        jlora.save_pretrained(cfg, jlora.merge(params), a.out, dtype=a.dtype)
-        try:
-            jlora.load_tokenizer(path).save(a.out)
-        except (FileNotFoundError, ValueError):
-            pass
+        _write_merged(path, cfg, params, a.out, a.dtype)
     else:
         if not a.adapter:
             raise SystemExit("jlora export --format peft: needs --adapter DIR")
