@@ -379,8 +379,6 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, std:
 
 def check_params(cfg: ModelConfig, params: Params, source: str = "params") -> None:
     """Raises ValueError naming the first missing, unexpected or misshaped leaf of ``params`` for ``cfg``."""
-    from jlora.kernels import is_wrapper
-
     expected = dict(jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)[0])
     got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_wrapper)[0])
     fmt = lambda p: ".".join(str(getattr(k, "key", k)) for k in p)  # noqa: E731
