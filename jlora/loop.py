@@ -106,11 +106,12 @@ class FitResult:
     eval: Dict[str, float]
 
 
-def evaluate(eval_step, params, batches) -> Dict[str, float]:
-    """Token-weighted mean loss and perplexity over every batch of ``batches`` (a `jlora.data.Batches`)."""
+def evaluate(eval_step, params, batches, put: Callable = lambda b: b) -> Dict[str, float]:
+    """Token-weighted mean loss and perplexity over every batch of ``batches`` (a `jlora.data.Batches`);
+    ``put`` places each host batch (e.g. `jlora.parallel.global_batch` under a mesh)."""
     loss_sum, tokens = 0.0, 0.0
     for _, batch in batches.iterate(0, batches.steps_per_epoch):
-        out = eval_step(params, batch)
+        out = eval_step(params, put(batch))
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
     loss = loss_sum / max(tokens, 1.0)
@@ -151,7 +152,7 @@ def _fmt_time(s: float) -> str:
 def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: FitConfig = FitConfig(),
         labels=None, eval_batches=None, eval_fn: Optional[Callable[[Any], Dict[str, float]]] = None,
         base_ref: Optional[str] = None, run_config: Optional[dict] = None, progress: bool = True,
-        stop_at: Optional[int] = None, log: Callable[[str], None] = print) -> FitResult:
+        stop_at: Optional[int] = None, log: Callable[[str], None] = print, mesh=None) -> FitResult:
     """Trains ``params`` for ``fit_config.steps`` steps, resuming automatically from ``run_dir``.
 
     Args:
@@ -171,6 +172,10 @@ def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: Fi
       stop_at: stop (with a checkpoint) once this step is reached, e.g. to fit a job's time limit; running
         `fit` again on the same run directory resumes and finishes the run exactly as if it had not stopped.
       log: where to print milestones.
+      mesh: a `jax.sharding.Mesh` from `jlora.parallel.make_mesh` to train sharded over (data / fsdp /
+        tensor parallel); None: the default device. Batches must then be this process's slice of the global
+        batch (``Batches(host_index=jax.process_index(), host_count=jax.process_count())``) and their size a
+        multiple of ``data`` x ``fsdp``. Checkpoints hold global arrays, so a run may resume on another mesh.
 
     Returns:
       `FitResult` with the final state, labels, the logged history, the step resumed from and the last eval.
@@ -187,13 +192,24 @@ def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: Fi
     labels = trainable_labels(params) if labels is None else labels
     schedule = make_schedule(fc)
     tx = train.make_optimizer(labels, schedule, weight_decay=fc.weight_decay, lr_ratios=fc.lr_ratios)
-    state = train.init_state(params, tx, fc.seed)
-    del params
     accum = getattr(train_batches, "accum_steps", 1)
-    step_fn = jax.jit(train.make_train_step(cfg, tx, labels, max_grad_norm=fc.max_grad_norm,
-                                            label_smoothing=fc.label_smoothing, accum_steps=accum),
-                      donate_argnums=0)
-    eval_step = jax.jit(train.make_eval_step(cfg)) if eval_batches is not None else None
+    step_kwargs = dict(max_grad_norm=fc.max_grad_norm, label_smoothing=fc.label_smoothing, accum_steps=accum)
+    if mesh is None:
+        state = train.init_state(params, tx, fc.seed)
+        step_fn = jax.jit(train.make_train_step(cfg, tx, labels, **step_kwargs), donate_argnums=0)
+        eval_step = jax.jit(train.make_eval_step(cfg)) if eval_batches is not None else None
+        put_train = put_eval = lambda b: b
+    else:
+        from jlora import parallel
+
+        state, shardings = parallel.init_sharded_state(params, tx, mesh, fc.seed)
+        step_fn = parallel.make_sharded_train_step(cfg, tx, labels, mesh, shardings, **step_kwargs)
+        eval_step = (parallel.make_sharded_eval_step(cfg, mesh, shardings.params)
+                     if eval_batches is not None else None)
+        put_train = lambda b: parallel.global_batch(b, mesh, accum)  # noqa: E731
+        put_eval = lambda b: parallel.global_batch(b, mesh)  # noqa: E731
+        log(f"mesh {parallel.mesh_str(mesh)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
+    del params
     os.makedirs(run_dir, exist_ok=True)
     data_fp = getattr(train_batches, "fingerprint", None)
     config = dict(run_config or {})
@@ -222,7 +238,7 @@ def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: Fi
     def run_eval(step):
         out = {}
         if eval_step is not None:
-            out.update(evaluate(eval_step, state.params, eval_batches))
+            out.update(evaluate(eval_step, state.params, eval_batches, put_eval))
         if eval_fn is not None:
             out.update({k: float(v) for k, v in eval_fn(state.params).items()})
         if out:
@@ -237,7 +253,7 @@ def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: Fi
     t_log, tokens_since = time.perf_counter(), 0.0
     try:
         for step in range(start, fc.steps):
-            state, m = step_fn(state, train_batches.batch_at(step))
+            state, m = step_fn(state, put_train(train_batches.batch_at(step)))
             pending.append(m)
             done = step + 1
             is_last = done == fc.steps

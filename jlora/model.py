@@ -22,6 +22,8 @@ The functions are pure; `apply` is jitted with the config static.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, Optional
 
@@ -34,6 +36,26 @@ from jlora.kernels import is_wrapper, matmul
 
 Params = dict
 Cache = dict
+
+# The sharding of the residual stream ``[B, T, d]`` while a sharded step is traced (set by
+# `jlora.parallel`): the batch over the data-parallel axes, ``d`` replicated. Pinning it at every block boundary
+# makes XLA gather FSDP-sharded weights instead of splitting activations along ``d``.
+_RESIDUAL_SHARDING: contextvars.ContextVar = contextvars.ContextVar("jlora_residual_sharding", default=None)
+
+
+@contextlib.contextmanager
+def residual_sharding(sharding):
+    """While active (at trace time), the residual stream is constrained to ``sharding`` (None: no constraint)."""
+    token = _RESIDUAL_SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        _RESIDUAL_SHARDING.reset(token)
+
+
+def _constrain(x: jax.Array) -> jax.Array:
+    sharding = _RESIDUAL_SHARDING.get()
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -220,6 +242,7 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: O
 
     if cfg.arch == "gpt2":
         x = x + jnp.take(tree["wpe"]["embedding"], positions, axis=0).astype(dt)
+    x = _constrain(x)
 
     block = functools.partial(_block, cfg)
     if cfg.remat:
@@ -228,8 +251,9 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: O
     for i, lp in enumerate(layers(cfg, params)):
         layer_cache = None if cache is None else cache["layers"][i]
         x, lc = block(lp, x, positions, mask, layer_cache, cache_index)
+        x = _constrain(x)
         new_layers.append(lc)
-    x = _norm(cfg, tree["ln_f" if cfg.arch == "gpt2" else "norm"], x)
+    x = _constrain(_norm(cfg, tree["ln_f" if cfg.arch == "gpt2" else "norm"], x))
 
     new_cache = None
     if cache is not None:

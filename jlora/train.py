@@ -140,7 +140,7 @@ def lm_loss_sum(cfg: ModelConfig, params, batch, label_smoothing: float = 0.0):
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, labels, *,
                     max_grad_norm: Optional[float] = None, label_smoothing: float = 0.0,
-                    accum_steps: int = 1) -> Callable:
+                    accum_steps: int = 1, axis_name: Optional[str] = None) -> Callable:
     """Builds the train step ``(state, batch) -> (state, metrics)`` (pure; jit it yourself).
 
     Args:
@@ -151,6 +151,11 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, labels, 
       label_smoothing: see `lm_loss_sum`.
       accum_steps: gradient accumulation; batch arrays then have a leading ``[accum_steps]`` axis and the
         loss is the token-weighted mean over all micro-batches (identical to one big batch).
+      axis_name: for `jax.pmap` data parallelism (see `jlora.parallel.make_pmap_train_step`): each device's
+        batch is a shard of the global batch, and the token counts, loss and gradients are summed over this
+        axis so the update equals the single-device one on the whole batch (the token-weighted mean of the
+        per-device gradients; a plain ``pmean`` when every device holds the same number of target tokens).
+        Dropout keys differ per device.
 
     Returns:
       ``step(state, batch) -> (state, {"loss", "grad_norm", "tokens"})``.
@@ -169,14 +174,19 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, labels, 
 
     grad_fn = jax.value_and_grad(loss_fn)
 
+    def global_sum(x):
+        return x if axis_name is None else jax.lax.psum(x, axis_name)
+
     def step(state: TrainState, batch):
         rng, sub = jax.random.split(state.rng)
+        if axis_name is not None:
+            sub = jax.random.fold_in(sub, jax.lax.axis_index(axis_name))
         trainable, frozen = T.split(state.params, labels)
         if accum_steps == 1:
-            total = jnp.maximum(jnp.sum(token_weights(batch)), 1.0)
+            total = jnp.maximum(global_sum(jnp.sum(token_weights(batch))), 1.0)
             loss, grads = grad_fn(trainable, frozen, batch, sub, total)
         else:
-            total = jnp.maximum(jnp.sum(jax.vmap(token_weights)(batch)), 1.0)
+            total = jnp.maximum(global_sum(jnp.sum(jax.vmap(token_weights)(batch))), 1.0)
 
             def micro_step(carry, xs):
                 loss_acc, grad_acc = carry
@@ -187,6 +197,8 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, labels, 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
             (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros),
                                             (batch, jnp.arange(accum_steps)))
+        if axis_name is not None:
+            loss, grads = jax.lax.psum((loss, grads), axis_name)
         grad_norm = optax.global_norm(grads)
         if max_grad_norm is not None:
             factor = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))

@@ -5,6 +5,12 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import jax
+
+# Eight simulated CPU devices for the sharding / pmap tests (tests/test_parallel.py); everything else runs on
+# the default device 0 as before. Must be set before JAX initializes its backend.
+jax.config.update("jax_num_cpu_devices", 8)
+
 import numpy as np
 import pytest
 
