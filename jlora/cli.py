@@ -147,7 +147,8 @@ def cmd_export(a):
 def cmd_train(a):
     from jlora import run
 
-    conf = run.load_config(a.config, _overrides(a))
+    overrides = _overrides(a) + (["run.distributed=true"] if a.distributed else [])
+    conf = run.load_config(a.config, overrides)
     res = run.train_run(conf, progress=not a.no_progress, stop_at=a.stop_at)
     print(json.dumps({"step": int(res.state.step), "resumed_from": res.resumed_from, **res.eval}))
 
@@ -155,7 +156,7 @@ def cmd_train(a):
 def _overrides(a):
     out = list(a.set or [])
     for flag, key in (("model", "model.path"), ("data", "data.train"), ("run_dir", "run.dir"),
-                      ("steps", "run.steps"), ("method", "method.kind")):
+                      ("steps", "run.steps"), ("method", "method.kind"), ("mesh", "run.mesh")):
         value = getattr(a, flag, None)
         if value is not None:
             out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
@@ -240,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, help="shortcut for --set run.dir=...")
     t.add_argument("--steps", type=int, default=None, help="shortcut for --set run.steps=...")
     t.add_argument("--method", default=None, choices=["lora", "full"], help="shortcut for --set method.kind=...")
+    t.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="device mesh, e.g. data=4,fsdp=2 or fsdp=-1 (axes data, fsdp, tensor; shortcut for "
+                        "--set run.mesh=...); a run may resume on another mesh")
+    t.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() first (TPU pod slices, multi-node GPU)")
     t.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step; rerun to resume")
     t.add_argument("--no-progress", action="store_true", help="no progress line")
     t.set_defaults(fn=cmd_train)

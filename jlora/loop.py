@@ -202,6 +202,13 @@ def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: Fi
     else:
         from jlora import parallel
 
+        dp = parallel.data_parallel_size(mesh)
+        for what, b in (("train", train_batches), ("eval", eval_batches)):
+            size = getattr(b, "batch_size", None)
+            if size is not None and size % dp:
+                raise ValueError(f"{what} batch size {size} is not divisible by the data-parallel size {dp} of mesh "
+                                 f"{parallel.mesh_str(mesh)} (data x fsdp); use a batch size that is a multiple "
+                                 f"of {dp}")
         state, shardings = parallel.init_sharded_state(params, tx, mesh, fc.seed)
         step_fn = parallel.make_sharded_train_step(cfg, tx, labels, mesh, shardings, **step_kwargs)
         eval_step = (parallel.make_sharded_eval_step(cfg, mesh, shardings.params)

@@ -501,6 +501,25 @@ def initialize_distributed(**kwargs) -> None:
             raise
 
 
+def to_host(tree):
+    """Every array of ``tree`` as a full numpy array on every process (a collective: call it on all processes).
+
+    Single process: `jax.device_get`. Multi-process: arrays spanning other hosts are all-gathered first
+    (`jax.experimental.multihost_utils.process_allgather`), e.g. before process 0 exports a model.
+    Kernel wrappers keep their structure.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 def describe(params, mesh: Mesh, max_rows: int = 0) -> str:
     """A table of each leaf's shape and partition spec (the first ``max_rows``; 0: all)."""
     specs = param_specs(params, mesh)

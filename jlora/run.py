@@ -29,6 +29,8 @@
     steps = 500
     eval_every = 100
     save_every = 100
+    mesh = ""                   # "" = one device; e.g. "data=4,fsdp=2" (see jlora.parallel); may change on resume
+    distributed = false         # multi-host: call jax.distributed.initialize() first (TPU pods, multi-node GPU)
 
 Every key is checked: an unknown section or key is an error naming it. ``--set section.key=value`` overrides a
 value (parsed as TOML, so ``--set optim.learning_rate=1e-4`` and ``--set method.target_modules='["q_proj"]'``
@@ -54,7 +56,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "optim": {"learning_rate": 2e-4, "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0,
               "weight_decay": 0.0, "max_grad_norm": 1.0, "label_smoothing": 0.0, "lr_ratios": None},
     "run": {"dir": None, "steps": 100, "eval_every": 0, "save_every": 0, "keep_last": 2, "log_every": 10,
-            "seed": 0},
+            "seed": 0, "mesh": "", "distributed": False},
 }
 
 
@@ -131,6 +133,13 @@ def _validate(c, src):
     for sec, key in (("model", "dtype"), ("model", "base_dtype")):
         if c[sec][key] not in ("float32", "bfloat16"):
             raise ValueError(f"{src}: {sec}.{key} must be float32 or bfloat16, got {c[sec][key]!r}")
+    if c["run"]["mesh"]:
+        from jlora.parallel import parse_mesh_spec
+
+        try:
+            parse_mesh_spec(c["run"]["mesh"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{src}: run.mesh: {e}") from None
 
 
 def _fit_config(c):
@@ -183,8 +192,11 @@ def build_data(c, tokenizer):
     """(train Batches, eval Batches or None) from a resolved config's [data] section."""
     from jlora import data
 
+    import jax
+
     d = c["data"]
-    kw = dict(seq_len=d["seq_len"], seed=d["seed"], pack=d["pack"], overflow=d["overflow"])
+    kw = dict(seq_len=d["seq_len"], seed=d["seed"], pack=d["pack"], overflow=d["overflow"],
+              host_index=jax.process_index(), host_count=jax.process_count())
     if d["eval"]:
         train_b, _ = data.make_batches(d["train"], tokenizer, batch_size=d["batch_size"],
                                        accum_steps=d["accum_steps"], **kw)
@@ -211,24 +223,37 @@ def train_run(c, log=print, progress=True, eval_fn=None, stop_at=None):
     Returns:
       the `jlora.loop.FitResult`.
     """
+    import jax
+
     import jlora
+    from jlora import parallel
     from jlora.loop import fit
 
+    if c["run"]["distributed"]:
+        parallel.initialize_distributed()
+    mesh = parallel.make_mesh(c["run"]["mesh"]) if c["run"]["mesh"] else None
     path, cfg, params = build_model(c, log)
     tok = _tokenizer_for(path, c)
     train_b, eval_b = build_data(c, tok)
     run_dir = c["run"]["dir"]
     log(f"model {path}: {cfg.arch}, {cfg.num_params():,} parameters; method {c['method']['kind']}; "
         f"{train_b.num_sequences} training sequences, {train_b.steps_per_epoch} steps per epoch")
+    # The mesh and process layout are not part of a run's identity: a run may resume on another mesh.
+    identity = copy.deepcopy(c)
+    for key in ("mesh", "distributed"):
+        identity["run"].pop(key)
     res = fit(cfg, params, train_b, run_dir=run_dir, fit_config=_fit_config(c), eval_batches=eval_b,
-              eval_fn=eval_fn, base_ref=path, run_config=c, progress=progress, stop_at=stop_at, log=log)
+              eval_fn=eval_fn, base_ref=path, run_config=identity, progress=progress, stop_at=stop_at, log=log,
+              mesh=mesh)
     if int(res.state.step) == c["run"]["steps"]:
+        final = parallel.to_host(res.state.params) if mesh is not None else res.state.params
+    if int(res.state.step) == c["run"]["steps"] and jax.process_index() == 0:
         if c["method"]["kind"] == "lora":
             out = os.path.join(run_dir, "adapter")
-            jlora.save_adapter(cfg, res.state.params, out, lora_config(c))
+            jlora.save_adapter(cfg, final, out, lora_config(c))
         else:
             out = os.path.join(run_dir, "model")
-            jlora.save_pretrained(cfg.replace(dtype="float32", remat=False), res.state.params, out)
+            jlora.save_pretrained(cfg.replace(dtype="float32", remat=False), final, out)
             tok.save(out)
         log(f"wrote {out}")
     return res

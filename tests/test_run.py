@@ -96,6 +96,33 @@ def test_stop_and_resume_from_the_command_line(model_dir, tmp_path, capsys):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
 
 
+def test_train_on_a_mesh_resumes_on_another_mesh(model_dir, tmp_path, capsys):
+    """--mesh: steps 0-3 on data=2,fsdp=2,tensor=2, then 3-6 on fsdp=4,tensor=2: the same adapter as a
+    one-device run. A batch of 4 on fsdp=8 is refused before any step runs."""
+    import jax
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    cfg_file = _toml(tmp_path / "run.toml", model_dir, tmp_path / "run")
+    assert main(["train", "--config", str(cfg_file), "--no-progress", "--stop-at", "3",
+                 "--mesh", "data=2,fsdp=2,tensor=2"]) == 0
+    assert "mesh data=2,fsdp=2,tensor=2 over 8 cpu devices" in capsys.readouterr().out
+    assert main(["train", "--config", str(cfg_file), "--no-progress", "--mesh", "fsdp=-1"]) == 1
+    assert "train batch size 4 is not divisible by the data-parallel size 8 of mesh data=1,fsdp=8,tensor=1" \
+        in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg_file), "--no-progress", "--mesh", "fsdp=4,tensor=-1"]) == 0
+    assert "resumed from step 3" in capsys.readouterr().out
+    one = _toml(tmp_path / "one.toml", model_dir, tmp_path / "one")
+    assert main(["train", "--config", str(one), "--no-progress"]) == 0
+    cfg, base = jlora.load_pretrained(model_dir)
+    a = jlora.lora.adapters(jlora.load_adapter(cfg, base, tmp_path / "run" / "adapter"))
+    b = jlora.lora.adapters(jlora.load_adapter(cfg, base, tmp_path / "one" / "adapter"))
+    for name in b:
+        np.testing.assert_allclose(np.asarray(a[name].b), np.asarray(b[name].b), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"run.mesh: .*unknown axis 'model'"):
+        run.load_config(str(cfg_file), ["run.mesh='model=8'"])
+
+
 def test_config_errors_name_the_key(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('[optim]\nlearnig_rate = 1.0\n')
