@@ -45,6 +45,7 @@ class FitConfig:
       warmup_steps: warm-up length.
       min_lr_ratio: final learning rate as a fraction of the peak.
       weight_decay: AdamW decoupled weight decay (matrices only).
+      adam_eps: Adam's epsilon.
       max_grad_norm: clip the global gradient norm (None: off).
       label_smoothing: see `jlora.train.lm_loss_sum`.
       lr_ratios: per-role learning-rate multipliers (e.g. ``{"lora_b": 16}`` for LoRA+).
@@ -61,6 +62,7 @@ class FitConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8
     max_grad_norm: Optional[float] = 1.0
     label_smoothing: float = 0.0
     lr_ratios: Optional[Dict[str, float]] = None
@@ -191,7 +193,8 @@ def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: Fi
     fc = fit_config
     labels = trainable_labels(params) if labels is None else labels
     schedule = make_schedule(fc)
-    tx = train.make_optimizer(labels, schedule, weight_decay=fc.weight_decay, lr_ratios=fc.lr_ratios)
+    tx = train.make_optimizer(labels, schedule, weight_decay=fc.weight_decay, eps=fc.adam_eps,
+                              lr_ratios=fc.lr_ratios)
     accum = getattr(train_batches, "accum_steps", 1)
     step_kwargs = dict(max_grad_norm=fc.max_grad_norm, label_smoothing=fc.label_smoothing, accum_steps=accum)
     if mesh is None:

@@ -54,7 +54,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "data": {"train": None, "eval": None, "eval_fraction": 0.0, "seq_len": 256, "batch_size": 8,
              "eval_batch_size": None, "accum_steps": 1, "pack": True, "overflow": "truncate", "seed": 0},
     "optim": {"learning_rate": 2e-4, "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0,
-              "weight_decay": 0.0, "max_grad_norm": 1.0, "label_smoothing": 0.0, "lr_ratios": None},
+              "weight_decay": 0.0, "adam_eps": 1e-8, "max_grad_norm": 1.0, "label_smoothing": 0.0,
+              "lr_ratios": None},
     "run": {"dir": None, "steps": 100, "eval_every": 0, "save_every": 0, "keep_last": 2, "log_every": 10,
             "seed": 0, "mesh": "", "distributed": False},
 }
@@ -148,7 +149,7 @@ def _fit_config(c):
     o, r = c["optim"], c["run"]
     return FitConfig(steps=r["steps"], learning_rate=o["learning_rate"], schedule=o["schedule"],
                      warmup_steps=o["warmup_steps"], min_lr_ratio=o["min_lr_ratio"], weight_decay=o["weight_decay"],
-                     max_grad_norm=o["max_grad_norm"], label_smoothing=o["label_smoothing"],
+                     adam_eps=o["adam_eps"], max_grad_norm=o["max_grad_norm"], label_smoothing=o["label_smoothing"],
                      lr_ratios=o["lr_ratios"], eval_every=r["eval_every"], save_every=r["save_every"],
                      keep_last=r["keep_last"], log_every=r["log_every"], seed=r["seed"])
 
