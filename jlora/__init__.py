@@ -8,7 +8,7 @@ Hugging Face / PEFT / GGUF interop. See README.md for the tour; the public surfa
     merged = jlora.merge(params)
 """
 
-from jlora import tree
+from jlora import parallel, tree
 from jlora.config import PRESETS, ModelConfig, preset
 from jlora.convert import load_pretrained, save_pretrained
 from jlora.convert.peft import load_adapter, lora_config_from_peft, save_adapter
