@@ -25,6 +25,12 @@ Typical use (`jlora.loop.fit` does all of this when given ``mesh=``)::
 the token-weighted loss, i.e. the token-weighted mean of the per-device gradients) for code built around
 pmap; on current JAX, jit with shardings is the recommended path.
 
+Embedding tables are split by row (vocabulary / position) where the axes divide the row count, because their
+gradient is a scatter-add of batch-sharded cotangents, which then reduce-scatters. GPT-2's vocabulary (50257)
+divides by nothing useful, so its table is split along ``d`` instead; XLA then replicates the ``[B, T, d]``
+embedding cotangent once per step (it logs "Involuntary full rematerialization"): correct, and one activation
+all-gather per step, but not free.
+
 Multi-host: call `initialize_distributed` first in every process; each process loads its own slice of the
 global batch (`jlora.data.Batches` with ``host_index=jax.process_index(), host_count=jax.process_count()``)
 and `global_batch` assembles the global array; checkpoints are written by orbax from all hosts.
@@ -306,6 +312,9 @@ def state_shardings(state: train.TrainState, mesh: Mesh) -> train.TrainState:
 def _put(x, sharding):
     if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
         return jax.device_put(x, sharding)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed PRNG keys (always replicated here): via their data
+        data = _put(jax.random.key_data(x), NamedSharding(sharding.mesh, P()))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     host = np.asarray(x)  # multi-host: every process holds the same full value; each takes its shards
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 

@@ -163,6 +163,29 @@ def test_accumulation_sharded_and_pmap_equal_one_device():
             np.testing.assert_allclose(x, r, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_dropout_is_the_same_sharded_as_on_one_device():
+    """The dropout masks are a function of the state's key, not of the layout (partitionable threefry)."""
+    cfg = preset("tiny-gpt2")
+    params = lora.init(jax.random.key(2), cfg, init_params(cfg, jax.random.key(1)),
+                       lora.LoraConfig(r=4, alpha=8, dropout=0.3, init=False))
+    labels = T.trainable_labels(params)
+    tx = train.make_optimizer(labels, 1e-2, eps=1e-4)
+    b = batches(cfg, n=1)[0]
+    one, m1 = jax.jit(train.make_train_step(cfg, tx, labels))(train.init_state(params, tx, 0), b)
+    no_drop = lora.init(jax.random.key(2), cfg, init_params(cfg, jax.random.key(1)),
+                        lora.LoraConfig(r=4, alpha=8, init=False))
+    labels0 = T.trainable_labels(no_drop)
+    tx0 = train.make_optimizer(labels0, 1e-2, eps=1e-4)
+    _, m0 = jax.jit(train.make_train_step(cfg, tx0, labels0))(train.init_state(no_drop, tx0, 0), b)
+    assert abs(float(m1["loss"]) - float(m0["loss"])) > 1e-4  # dropout is active
+    mesh = parallel.make_mesh("data=2,fsdp=4")
+    state, sh = parallel.init_sharded_state(params, tx, mesh, 0)
+    state, m8 = parallel.make_sharded_train_step(cfg, tx, labels, mesh, sh)(state, parallel.global_batch(b, mesh))
+    np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=2e-6)
+    for x, r in zip(jax.tree_util.tree_leaves(host(state.params)), jax.tree_util.tree_leaves(host(one.params))):
+        np.testing.assert_allclose(x, r, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Layout
 
