@@ -271,13 +271,17 @@ def check_run_config(run_dir, config, *, ignore: Sequence[str] = ()) -> dict:
     cfg = _to_json(dict(config), "run config")
     root = _path(run_dir)
     path = root / RUN_CONFIG
-    if not path.exists():
-        if _is_primary():
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = root / f"{RUN_CONFIG}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-            tmp.rename(path)  # atomic on a local file system
-        _sync("run_config")
+    # Only process 0 looks and writes; every process then passes the same barrier and compares with the file
+    # (a check of `exists()` on each host would race with process 0's write on a shared file system).
+    fresh = False
+    if _is_primary() and not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f"{RUN_CONFIG}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        tmp.rename(path)  # atomic on a local file system
+        fresh = True
+    _sync("run_config")
+    if fresh:
         return cfg
     saved = json.loads(path.read_text())
     a, b = _flatten_dict(saved), _flatten_dict(cfg)

@@ -460,8 +460,9 @@ class Batches:
         steps_per_epoch: steps in one pass over the rows.
         num_rows: rows (packed or padded) in one epoch.
         num_sequences: token sequences after the overflow policy.
-        fingerprint: a hex digest of the data and every option that changes batches (store it with a
-            checkpoint to detect resuming on different data).
+        fingerprint: a hex digest of the data and every option that changes the global batches (store it
+            with a checkpoint to detect resuming on different data). The host split is not part of it: a run
+            may resume with another number of processes.
     """
 
     def __init__(
@@ -544,7 +545,7 @@ class Batches:
             h.update(np.ascontiguousarray(a).tobytes())
         h.update(np.concatenate(self._rows).tobytes() + np.asarray([len(r) for r in self._rows]).tobytes())
         h.update(repr((self.seq_len, self.batch_size, self.seed, self.accum_steps, self.shuffle,
-                       self.drop_remainder, self.pad_id, self.host_count)).encode())
+                       self.drop_remainder, self.pad_id)).encode())
         self.fingerprint = h.hexdigest()[:16]
         self._perm_cache: tuple[int, np.ndarray] | None = None
 

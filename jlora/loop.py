@@ -191,6 +191,9 @@ def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: Fi
       TrainingDiverged: the loss became NaN/Inf (the last good checkpoint is left intact).
     """
     fc = fit_config
+    primary = jax.process_index() == 0  # multi-host: one process logs and writes metrics; all save checkpoints
+    if not primary:
+        log, progress = (lambda *_: None), False
     labels = trainable_labels(params) if labels is None else labels
     schedule = make_schedule(fc)
     tx = train.make_optimizer(labels, schedule, weight_decay=fc.weight_decay, eps=fc.adam_eps,
@@ -236,11 +239,13 @@ def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: Fi
     log(f"trainable params: {rep['trainable']:,} / {rep['total']:,} ({rep['percent']:.3f}%)")
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    tb = SummaryWriter(os.path.join(run_dir, "tb"))
+    tb = SummaryWriter(os.path.join(run_dir, "tb")) if primary else None
     history: list = []
 
     def record(entry):
         history.append(entry)
+        if not primary:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         tb.scalars(entry["step"], {k: v for k, v in entry.items() if k != "step" and isinstance(v, (int, float))})
@@ -303,6 +308,7 @@ def fit(cfg: ModelConfig, params, train_batches, *, run_dir: str, fit_config: Fi
             last_eval = run_eval(start)
     finally:
         prog.close()
-        tb.close()
+        if tb is not None:
+            tb.close()
         ckpt.close()
     return FitResult(state=state, labels=labels, history=history, resumed_from=resumed_from, eval=last_eval)

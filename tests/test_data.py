@@ -237,6 +237,8 @@ def test_determinism_and_resume():
     assert _same(Batches(seqs, **kw).batch_at(9), straight[9])  # random access equals iteration
     other = Batches(seqs, **{**kw, "seed": 6})
     assert other.fingerprint != a.fingerprint
+    # the host split is not part of the data's identity (a run may resume with another process count)
+    assert Batches(seqs, **kw, host_index=1, host_count=2).fingerprint == a.fingerprint
     assert not all(_same(x, other.batch_at(k)) for k, x in enumerate(straight))
     # Epochs are different permutations.
     assert a.row_indices(0).tolist() != a.row_indices(a.steps_per_epoch).tolist()
