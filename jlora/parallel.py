@@ -358,9 +358,14 @@ def per_device_bytes(tree, device=None) -> int:
 # Batches
 
 
+def _batch_axes(mesh: Mesh):
+    """The mesh axes the batch rows are split over (those of ``data``/``fsdp`` larger than 1), or None."""
+    return tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
+
+
 def batch_sharding(mesh: Mesh, accum_steps: int = 1) -> NamedSharding:
     """The batch's sharding: rows over ``data`` x ``fsdp`` (after the ``[accum_steps]`` axis if any)."""
-    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
+    axes = _batch_axes(mesh)
     return NamedSharding(mesh, P(None, axes) if accum_steps > 1 else P(axes))
 
 
@@ -394,8 +399,18 @@ def global_batch(local_batch: Dict[str, Any], mesh: Mesh, accum_steps: int = 1) 
 
 
 def residual_spec(mesh: Mesh) -> NamedSharding:
-    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
-    return NamedSharding(mesh, P(axes, None, None))
+    return NamedSharding(mesh, P(_batch_axes(mesh), None, None))
+
+
+def _with_residual_sharding(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` traced with the residual stream pinned to the batch sharding of ``mesh``."""
+    residual = residual_spec(mesh)
+
+    def wrapped(*args):
+        with residual_sharding(residual):
+            return fn(*args)
+
+    return wrapped
 
 
 def make_sharded_train_step(cfg: ModelConfig, tx, labels, mesh: Mesh, shardings: train.TrainState, *,
@@ -413,13 +428,8 @@ def make_sharded_train_step(cfg: ModelConfig, tx, labels, mesh: Mesh, shardings:
     Returns:
       ``step(state, batch) -> (state, metrics)``; feed it batches from `global_batch`.
     """
-    inner = train.make_train_step(cfg, tx, labels, accum_steps=accum_steps, **step_kwargs)
-    residual = residual_spec(mesh)
-
-    def step(state, batch):
-        with residual_sharding(residual):
-            return inner(state, batch)
-
+    step = _with_residual_sharding(
+        train.make_train_step(cfg, tx, labels, accum_steps=accum_steps, **step_kwargs), mesh)
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh, accum_steps)),
                    out_shardings=(shardings, replicated), donate_argnums=0)
@@ -427,13 +437,7 @@ def make_sharded_train_step(cfg: ModelConfig, tx, labels, mesh: Mesh, shardings:
 
 def make_sharded_eval_step(cfg: ModelConfig, mesh: Mesh, param_shardings_tree) -> Callable:
     """``eval_step(params, batch) -> {"loss_sum", "tokens"}`` jitted over ``mesh`` (batch from `global_batch`)."""
-    inner = train.make_eval_step(cfg)
-    residual = residual_spec(mesh)
-
-    def step(params, batch):
-        with residual_sharding(residual):
-            return inner(params, batch)
-
+    step = _with_residual_sharding(train.make_eval_step(cfg), mesh)
     return jax.jit(step, in_shardings=(param_shardings_tree, batch_sharding(mesh)),
                    out_shardings=NamedSharding(mesh, P()))
 

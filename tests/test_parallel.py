@@ -94,11 +94,8 @@ def assert_same(losses, params, ref):
 MESHES = ["data=8", "data=2,fsdp=4", "data=2,tensor=4"]
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-@pytest.mark.parametrize("spec", MESHES)
-def test_sharded_step_equals_one_device(spec, method):
-    cfg = preset("tiny-gpt2")
-    ref = reference(cfg, method)
+def run_sharded(cfg, method, spec):
+    """Losses, final state and state shardings of STEPS steps on the mesh ``spec``."""
     params, labels, tx = setup(cfg, method)
     mesh = parallel.make_mesh(spec)
     state, shardings = parallel.init_sharded_state(params, tx, mesh, 0)
@@ -107,6 +104,15 @@ def test_sharded_step_equals_one_device(spec, method):
     for b in batches(cfg):
         state, m = step(state, parallel.global_batch(b, mesh))
         losses.append(float(m["loss"]))
+    return losses, state, shardings
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("spec", MESHES)
+def test_sharded_step_equals_one_device(spec, method):
+    cfg = preset("tiny-gpt2")
+    ref = reference(cfg, method)
+    losses, state, shardings = run_sharded(cfg, method, spec)
     # the state keeps its layout step after step (no resharding)
     got = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x: x.sharding, state))
     want = jax.tree_util.tree_leaves(shardings)
@@ -118,14 +124,7 @@ def test_sharded_step_equals_one_device(spec, method):
 def test_llama_lora_sharded_equals_one_device(spec):
     cfg = preset("tiny-llama")
     ref = reference(cfg, "lora")
-    params, labels, tx = setup(cfg, "lora")
-    mesh = parallel.make_mesh(spec)
-    state, shardings = parallel.init_sharded_state(params, tx, mesh, 0)
-    step = parallel.make_sharded_train_step(cfg, tx, labels, mesh, shardings, max_grad_norm=1.0)
-    losses = []
-    for b in batches(cfg):
-        state, m = step(state, parallel.global_batch(b, mesh))
-        losses.append(float(m["loss"]))
+    losses, state, _ = run_sharded(cfg, "lora", spec)
     assert_same(losses, host(state.params), ref)
 
 
