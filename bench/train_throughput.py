@@ -21,7 +21,8 @@ import subprocess
 import sys
 import time
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 TFLOP/s per chip
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.throughput import peak_flops, time_steps  # noqa: E402  (the shared timing loop and peak table)
 
 
 def _peak_rss_mb() -> float:
@@ -62,18 +63,7 @@ def run_jlora(a) -> dict:
     rng = np.random.default_rng(0)
     batches = [{"input_ids": jnp.asarray(rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1)), jnp.int32)}
                for _ in range(2)]
-    t0 = time.perf_counter()
-    state, m = step(state, batches[0])
-    jax.block_until_ready(m["loss"])
-    compile_s = time.perf_counter() - t0
-    for i in range(a.warmup):
-        state, m = step(state, batches[i % 2])
-    jax.block_until_ready(m["loss"])
-    t0 = time.perf_counter()
-    for i in range(a.steps):
-        state, m = step(state, batches[i % 2])
-    jax.block_until_ready(m["loss"])
-    dt = (time.perf_counter() - t0) / a.steps
+    state, m, compile_s, dt = time_steps(step, state, batches, a.warmup, a.steps)
     out = {"framework": "jlora", "method": a.method, "step_s": dt, "tokens_per_s": a.batch * a.seq / dt,
            "compile_s": compile_s, "loss": float(m["loss"]), "peak_rss_mb": _peak_rss_mb(),
            "n_params": cfg.num_params(), "trainable": jlora.param_report(state.params, labels)["trainable"],
@@ -155,7 +145,7 @@ def run_torch(a) -> dict:
 
 
 def _mfu(r, a):
-    peak = next((v for k, v in PEAK_BF16.items() if k in str(r.get("device", ""))), None)
+    peak = peak_flops(str(r.get("device", "")), None)
     if not peak or "n_params" not in r:
         return None
     flops_per_token = 6 * r["n_params"] + 12 * r["L"] * a.seq * r["d"]

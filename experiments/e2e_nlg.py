@@ -247,11 +247,11 @@ def host_copy(params):
     calls it) onto this process's first device; otherwise unchanged."""
     import jax
 
+    import jlora.parallel
+
     if jax.process_count() == 1:
         return params
-    from jax.experimental import multihost_utils
-
-    return jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
+    return jax.device_put(jlora.parallel.to_host(params), jax.local_devices()[0])
 
 
 def decode(cfg, params, tok, prompts: Sequence[List[int]], eos: int, args, log=print) -> List[str]:

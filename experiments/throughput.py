@@ -52,6 +52,28 @@ def peak_flops(device_kind: str, override: Optional[float]) -> Optional[float]:
     return None
 
 
+def time_steps(step, state, batches, warmup: int, steps: int):
+    """Runs ``step`` once (compiling), ``warmup`` more times, then times ``steps`` steps over ``batches`` (cycled).
+
+    Returns:
+      ``(state, last metrics, compile seconds, mean seconds per timed step)``.
+    """
+    import jax
+
+    t0 = time.perf_counter()
+    state, m = step(state, batches[0])
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - t0
+    for i in range(warmup):
+        state, m = step(state, batches[i % len(batches)])
+    jax.block_until_ready(m["loss"])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, m = step(state, batches[i % len(batches)])
+    jax.block_until_ready(m["loss"])
+    return state, m, compile_s, (time.perf_counter() - t0) / steps
+
+
 def flops_per_token(cfg, seq: int) -> float:
     """Training FLOPs per token: 6N + 12 L T d (see the module docstring)."""
     return 6.0 * cfg.num_params() + 12.0 * cfg.n_layers * seq * cfg.d_model
@@ -124,18 +146,7 @@ def run_method(args, method: str, mesh) -> dict:
         state_bytes = parallel.per_device_bytes((state.params, state.opt_state))
         n_dev = mesh.devices.size
     del params
-    t0 = time.perf_counter()
-    state, m = step(state, batches[0])
-    jax.block_until_ready(m["loss"])
-    compile_s = time.perf_counter() - t0
-    for i in range(args.warmup):
-        state, m = step(state, batches[i % 2])
-    jax.block_until_ready(m["loss"])
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        state, m = step(state, batches[i % 2])
-    jax.block_until_ready(m["loss"])
-    step_s = (time.perf_counter() - t0) / args.steps
+    state, m, compile_s, step_s = time_steps(step, state, batches, args.warmup, args.steps)
     tokens_s = args.batch * args.seq / step_s
     kind = jax.devices()[0].device_kind
     peak = peak_flops(kind, args.peak_tflops)
