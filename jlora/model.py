@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import ModelConfig
-from jlora.kernels import is_wrapper, matmul
+from jlora.kernels import HOOKS, Hook, KernelWrapper, is_wrapper, linear, materialize, matmul
 
 Params = dict
 Cache = dict
@@ -63,10 +63,13 @@ def _constrain(x: jax.Array) -> jax.Array:
 
 
 def _linear(p: dict, x: jax.Array) -> jax.Array:
-    y = matmul(x, p["kernel"])
-    if "bias" in p:
-        y = y + p["bias"].astype(y.dtype)
-    return y
+    return linear(x, p["kernel"], p.get("bias"))
+
+
+def _hook(p: dict, site: str):
+    """The hook node at ``site`` of a layer or body sub-tree, or None (the identity)."""
+    hooks = p.get(HOOKS)
+    return None if hooks is None else hooks.get(site)
 
 
 def _layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
@@ -74,7 +77,7 @@ def _layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    y = y * materialize(p["scale"]).astype(jnp.float32) + materialize(p["bias"]).astype(jnp.float32)
     return y.astype(x.dtype)
 
 
@@ -82,7 +85,7 @@ def _rms_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     # As Hugging Face's LlamaRMSNorm: normalize in float32, cast back, then scale.
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
-    return p["scale"].astype(x.dtype) * y.astype(x.dtype)
+    return materialize(p["scale"]).astype(x.dtype) * y.astype(x.dtype)
 
 
 def _norm(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
@@ -148,6 +151,13 @@ def _attn_block(cfg: ModelConfig, p: dict, x, positions, mask, layer_cache, cach
         cv = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
         new_cache = {"k": ck, "v": cv}
         k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+    prefix = _hook(p, "kv_prefix")
+    if prefix is not None:  # extra keys/values (prefix tuning) that every query attends to, before the sequence
+        pk, pv = prefix.kv(b, q.dtype)
+        k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+        if mask is None:
+            mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (pk.shape[1],), bool), mask], axis=-1)
     y = _attention(cfg, q, k, v, mask).reshape(b, t, nh * hd)
     return _linear(out_proj, y), new_cache
 
@@ -165,8 +175,11 @@ def _block(cfg: ModelConfig, p: dict, x, positions, mask, layer_cache, cache_ind
     else:
         ln1, ln2 = p["input_layernorm"], p["post_attention_layernorm"]
     h, new_cache = _attn_block(cfg, p, _norm(cfg, ln1, x), positions, mask, layer_cache, cache_index)
-    x = x + h
-    x = x + _mlp_block(cfg, p, _norm(cfg, ln2, x))
+    hook = _hook(p, "attn_out")  # a sublayer hook (bottleneck adapter) owns the residual sum; absent: x + h
+    x = x + h if hook is None else hook(h, x)
+    h = _mlp_block(cfg, p, _norm(cfg, ln2, x))
+    hook = _hook(p, "mlp_out")
+    x = x + h if hook is None else hook(h, x)
     return x, new_cache
 
 
@@ -186,7 +199,7 @@ def layers(cfg: ModelConfig, params: Params) -> list:
 
 
 def embedding(cfg: ModelConfig, params: Params) -> jax.Array:
-    return body(cfg, params)["wte" if cfg.arch == "gpt2" else "embed_tokens"]["embedding"]
+    return materialize(body(cfg, params)["wte" if cfg.arch == "gpt2" else "embed_tokens"]["embedding"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,7 +254,22 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: O
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
 
     if cfg.arch == "gpt2":
-        x = x + jnp.take(tree["wpe"]["embedding"], positions, axis=0).astype(dt)
+        x = x + jnp.take(materialize(tree["wpe"]["embedding"]), positions, axis=0).astype(dt)
+    n_virtual = 0
+    prompt = _hook(tree, "input_prefix")
+    if prompt is not None:  # virtual token embeddings (prompt tuning) before the first token, dropped at the end
+        if cache is not None:
+            raise NotImplementedError("an input_prefix hook with a KV cache is not supported yet")
+        pe = prompt.embeds(b, dt)
+        n_virtual = pe.shape[1]
+        x = jnp.concatenate([pe, x], axis=1)
+        full = t + n_virtual
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        valid = jnp.concatenate([jnp.ones((b, n_virtual), bool), valid], axis=1)
+        causal = jnp.tril(jnp.ones((full, full), bool))
+        mask = ((valid[:, None, :] & causal[None]) | jnp.eye(full, dtype=bool)[None])[:, None]
+        positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_virtual, dtype=positions.dtype)[None],
+                                                      (b, n_virtual)), positions + n_virtual], axis=1)
     x = _constrain(x)
 
     block = functools.partial(_block, cfg)
@@ -254,6 +282,8 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: O
         x = _constrain(x)
         new_layers.append(lc)
     x = _constrain(_norm(cfg, tree["ln_f" if cfg.arch == "gpt2" else "norm"], x))
+    if n_virtual:
+        x = x[:, n_virtual:]
 
     new_cache = None
     if cache is not None:
@@ -285,8 +315,8 @@ def lm_head(cfg: ModelConfig, params: Params, hidden: jax.Array, pad_to: int = 1
         logits = jnp.matmul(hidden, w.T)
     else:
         kernel = params["lm_head"]["kernel"]
-        if extra and not is_wrapper(kernel):
-            logits = jnp.matmul(hidden, jnp.pad(kernel.astype(hidden.dtype), ((0, 0), (0, extra))))
+        if extra and not isinstance(kernel, KernelWrapper):
+            logits = jnp.matmul(hidden, jnp.pad(materialize(kernel).astype(hidden.dtype), ((0, 0), (0, extra))))
         else:
             logits, extra = matmul(hidden, kernel), 0
     if extra:
@@ -406,6 +436,11 @@ def check_params(cfg: ModelConfig, params: Params, source: str = "params") -> No
     expected = dict(jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)[0])
     got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_wrapper)[0])
     fmt = lambda p: ".".join(str(getattr(k, "key", k)) for k in p)  # noqa: E731
+    # Hook nodes of PEFT methods sit at the generic hook sites (<layer>.hooks.<site>, <body>.hooks.<site>).
+    bad_hooks = [fmt(p) for p, v in got.items() if HOOKS in fmt(p).split(".") and not isinstance(v, Hook)]
+    if bad_hooks:
+        raise ValueError(f"{source}: {bad_hooks[0]} sits under a '{HOOKS}' site but is not a jlora.kernels.Hook")
+    got = {p: v for p, v in got.items() if HOOKS not in fmt(p).split(".")}
     exp_names = {fmt(p): s for p, s in expected.items()}
     got_names = {fmt(p): np.shape(v) if not is_wrapper(v) else tuple(v.shape) for p, v in got.items()}
     missing = sorted(set(exp_names) - set(got_names))

@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora import train
 from jlora.config import ModelConfig
-from jlora.kernels import is_wrapper
+from jlora.kernels import KernelWrapper, LeafWrapper, is_node
 from jlora.model import residual_sharding
 from jlora.tree import path_parts
 
@@ -234,31 +234,24 @@ def _kernel_dims(mesh: Mesh, role: Optional[str], shape) -> Tuple:
 
 
 def _leaf_spec(mesh: Mesh, parts: Tuple[str, ...], shape) -> Tuple:
-    if "kernel" in parts[:-1]:  # a leaf inside a wrapper at <module>.kernel: handled by _wrapper_specs
-        raise AssertionError(parts)
     if len(shape) == 0:
         return ()
     return _kernel_dims(mesh, _module_role(parts), shape)
 
 
-def _wrapper_specs(mesh: Mesh, parts: Tuple[str, ...], wrapper) -> Any:
-    """Specs for every array inside a kernel wrapper (LoRA, nested wrappers): factors follow the base."""
-    role = _module_role(parts)
-    kin, kout = _kernel_dims(mesh, role, wrapper.shape)
+def _node_specs(mesh: Mesh, parts: Tuple[str, ...], node) -> Any:
+    """Specs for every array inside a PEFT node, as the node declares them relative to its base matrix (a LoRA
+    factor follows its base: ``a [in, r]`` the input sharding, ``b [r, out]`` the output sharding)."""
 
-    def one(path, leaf):
-        fields = path_parts(path)
-        shape = tuple(leaf.shape)
-        name = fields[-1] if fields else ""
-        if name == "a" and len(shape) == 2:  # [in, r]: the base's input sharding
-            return (kin if shape[0] % _size(mesh, kin) == 0 else None, None)
-        if name == "b" and len(shape) == 2:  # [r, out']: the base's output sharding
-            return (None, kout if shape[1] % _size(mesh, kout) == 0 else None)
-        if shape == tuple(wrapper.shape):
-            return (kin, kout)
-        return _place(mesh, shape, None, _largest_first(shape)) if shape else ()
+    def fits(size, axes):
+        return axes if axes is not None and size % _size(mesh, axes) == 0 else None
 
-    return jax.tree_util.tree_map_with_path(one, wrapper)
+    if isinstance(node, KernelWrapper):
+        kin, kout = _kernel_dims(mesh, _module_role(parts), node.shape)
+        return node.shard(kin, kout, fits)
+    if isinstance(node, LeafWrapper):
+        return node.shard(_leaf_spec(mesh, parts, tuple(node.shape)), fits)
+    return node.shard(fits)
 
 
 def param_specs(params, mesh: Mesh):
@@ -269,12 +262,12 @@ def param_specs(params, mesh: Mesh):
     """
     def spec(path, x):
         parts = path_parts(path)
-        if is_wrapper(x):
-            return jax.tree_util.tree_map(lambda s: P(*s), _wrapper_specs(mesh, parts, x),
+        if is_node(x):
+            return jax.tree_util.tree_map(lambda s: P(*s), _node_specs(mesh, parts, x),
                                           is_leaf=lambda s: isinstance(s, tuple))
         return P(*_leaf_spec(mesh, parts, tuple(x.shape)))
 
-    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=is_wrapper)
+    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=is_node)
 
 
 def param_shardings(params, mesh: Mesh):

@@ -25,7 +25,7 @@ from flax import struct
 
 from jlora import tree as T
 from jlora.config import ModelConfig
-from jlora.kernels import with_rngs
+from jlora.kernels import role_decays, with_rngs
 from jlora.model import forward, lm_head
 
 
@@ -49,9 +49,10 @@ def init_state(params, tx: optax.GradientTransformation, seed: Union[int, jax.Ar
 # Optimizer
 
 
-def _decay_mask(tree):
-    # Weight decay on matrices only (not on biases, norm scales or other vectors).
-    return jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, tree)
+def _decay_mask(role: str):
+    # Each role declares its rule (jlora.kernels.register_role): "full" decays matrices only (not biases, norm
+    # scales), LoRA factors decay, multiplicative vectors (IA3 scales, DoRA magnitudes) never do.
+    return lambda tree: jax.tree_util.tree_map(lambda x: role_decays(role, x), tree)
 
 
 def make_optimizer(labels, learning_rate: Union[float, Callable] = 1e-4, *, weight_decay: float = 0.0,
@@ -64,7 +65,8 @@ def make_optimizer(labels, learning_rate: Union[float, Callable] = 1e-4, *, weig
     Args:
       labels: the label tree (`jlora.trainable_labels`).
       learning_rate: a float or an optax schedule.
-      weight_decay: decoupled weight decay, applied to matrices only.
+      weight_decay: decoupled weight decay, applied as each role declares (`jlora.kernels.register_role`):
+        matrices of fully trained leaves and LoRA factors, never biases, norm scales or scaling vectors.
       b1, b2, eps: Adam hyper-parameters.
       lr_ratios: per-role learning-rate multipliers, e.g. ``{"lora_b": 16.0}`` for LoRA+.
 
@@ -86,7 +88,7 @@ def make_optimizer(labels, learning_rate: Union[float, Callable] = 1e-4, *, weig
             lr = (lambda s, r=ratio: r * learning_rate(s)) if ratio != 1.0 else learning_rate
         else:
             lr = learning_rate * ratio
-        transforms[role] = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask)
+        transforms[role] = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask(role))
     return optax.multi_transform(transforms, labels)
 
 

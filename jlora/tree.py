@@ -15,10 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.kernels import KernelWrapper, is_wrapper
-
-FROZEN = "frozen"
-FULL = "full"
+from jlora.kernels import FROZEN, FULL, KernelWrapper, is_node, is_wrapper
 
 
 def path_parts(path) -> Tuple[str, ...]:
@@ -140,16 +137,17 @@ def trainable_labels(params, mode: str = "auto"):
     """
     if mode not in ("auto", "adapters", "full"):
         raise ValueError(f"trainable_labels: mode must be 'auto', 'adapters' or 'full', got {mode!r}")
-    has_wrappers = any(is_wrapper(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_wrapper))
+    has_wrappers = any(is_node(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_node))
     if mode == "auto":
         mode = "adapters" if has_wrappers else "full"
     plain = FULL if mode == "full" else FROZEN
 
     def label(x):
-        # A wrapper labels its own adapter leaves and hands its base back to `label` (wrappers nest).
-        return x.labels(label) if is_wrapper(x) else plain
+        # A node labels its own adapter leaves and hands its base back to `label` (wrappers nest). A node may
+        # label a base leaf "frozen" whatever the mode (a quantized base's codes never train).
+        return x.labels(label) if is_node(x) else plain
 
-    return jax.tree_util.tree_map(label, params, is_leaf=is_wrapper)
+    return jax.tree_util.tree_map(label, params, is_leaf=is_node)
 
 
 def split(params, labels) -> Tuple[object, object]:
@@ -176,18 +174,22 @@ def param_report(params, labels=None) -> dict:
       labels: label tree (default `trainable_labels(params)`).
 
     Returns:
-      dict with ``total``, ``trainable``, ``percent``, ``bytes`` (all leaves) and ``trainable_bytes``.
-      ``total`` counts the adapter factors plus the base (as PEFT does).
+      dict with ``total``, ``trainable``, ``percent``, ``bytes`` (stored bytes of all leaves) and
+      ``trainable_bytes``. ``total`` counts logical parameters: the adapter's plus the base's (as PEFT does),
+      a packed quantized leaf counting the weights it stands for.
     """
     labels = trainable_labels(params) if labels is None else labels
+    # Each node says how many parameters each of its leaves stands for (a packed 4-bit leaf: two per byte).
+    sizes = jax.tree_util.tree_map(lambda x: x.logical_sizes() if is_node(x) else int(np.prod(np.shape(x))),
+                                   params, is_leaf=is_node)
     total = trainable = nbytes = tbytes = 0
-    for l, p in zip(jax.tree_util.tree_leaves(labels), jax.tree_util.tree_leaves(params)):
-        n = int(np.prod(p.shape))
-        b = n * jnp.dtype(p.dtype).itemsize
-        total += n
+    for l, p, n in zip(jax.tree_util.tree_leaves(labels), jax.tree_util.tree_leaves(params),
+                       jax.tree_util.tree_leaves(sizes)):
+        b = int(np.prod(np.shape(p))) * jnp.dtype(p.dtype).itemsize
+        total += int(n)
         nbytes += b
         if l != FROZEN:
-            trainable += n
+            trainable += int(n)
             tbytes += b
     return {"total": total, "trainable": trainable, "percent": 100.0 * trainable / max(total, 1),
             "bytes": nbytes, "trainable_bytes": tbytes}

@@ -22,7 +22,11 @@ from flax import struct
 
 from jlora import tree as T
 from jlora.config import ModelConfig
-from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul
+from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul, register_role
+from jlora.peft import base as B
+
+LORA_A = register_role("lora_a", True)
+LORA_B = register_role("lora_b", True)
 
 INITS = (True, False, "default", "gaussian", "pissa")
 QKV = ("q", "k", "v")
@@ -99,21 +103,28 @@ class LoRA(KernelWrapper):
         return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
 
     def labels(self, label_base):
-        return self.replace(base=label_base(self.base), a="lora_a", b="lora_b")
+        return self.replace(base=label_base(self.base), a=LORA_A, b=LORA_B, rng=None)
 
     def with_rng(self, key):
         return self.replace(rng=key) if self.dropout > 0.0 else self
 
+    def shard(self, spec_in, spec_out, fits):
+        base = self.base.shard(spec_in, spec_out, fits) if isinstance(self.base, KernelWrapper) else \
+            (spec_in, spec_out)
+        return self.replace(base=base, a=(fits(self.a.shape[0], spec_in), None),
+                            b=(None, fits(self.b.shape[1], spec_out)), rng=None)
+
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(B.TargetRules):
     """Which matrices get LoRA and how (PEFT's `LoraConfig` semantics, plus fused-qkv slices).
 
     Args:
       r: rank (> 0).
       alpha: ``lora_alpha``; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
-      target_modules: a list of module names matched exactly or as a dotted suffix, or a regex string matched
-        against the full dotted module name (PEFT's rule). Default: q and v projections (``c_attn`` for GPT-2).
+      target_modules: a list of module names matched exactly or as a dotted suffix, a regex string matched
+        against the full dotted module name, or ``"all-linear"`` (PEFT's rules, see `jlora.peft.base.TargetRules`).
+        Default: q and v projections (``c_attn`` for GPT-2), as PEFT.
       use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
       rank_pattern: ``{regex: r}`` per-module rank overrides (matched against the end of the module name).
       alpha_pattern: ``{regex: alpha}`` per-module alpha overrides.
@@ -121,9 +132,14 @@ class LoraConfig:
       init: ``True``/``"default"`` (PEFT: Kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r), zero B),
         ``"pissa"`` (A, B from the SVD of the base; the base becomes the residual), ``False`` (random A and B:
         a non-identity adapter, for tests).
-      layers_to_transform: only these layer indices (an int or a list).
+      layers_to_transform: only these layer indices (an int or a list); with ``layers_pattern``, the name of the
+        layer list to read the index after (PEFT's rule).
       fused_qkv: for GPT-2's fused ``c_attn``, LoRA on these slices only, e.g. ``("q", "v")``.
       dtype: dtype of the factors (float32 keeps trainable weights in full precision).
+      exclude_modules: modules never adapted (list or regex, as ``target_modules``).
+      layers_pattern: see ``layers_to_transform``.
+      modules_to_save: whole modules trained in full and saved with the adapter (``["lm_head"]``).
+      use_dora: weight-decomposed LoRA (`jlora.peft.dora`); PEFT's ``use_dora``.
 
     Example:
       >>> lcfg = LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
@@ -140,12 +156,15 @@ class LoraConfig:
     layers_to_transform: Union[int, Tuple[int, ...], None] = None
     fused_qkv: Optional[Tuple[str, ...]] = None
     dtype: str = "float32"
+    exclude_modules: Union[str, Tuple[str, ...], None] = None
+    layers_pattern: Union[str, Tuple[str, ...], None] = None
+    modules_to_save: Optional[Tuple[str, ...]] = None
+    use_dora: bool = False
+
+    DEFAULT_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj")}
 
     def __post_init__(self):
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if isinstance(self.layers_to_transform, list):
-            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
+        self._normalize_targets()
         if self.fused_qkv is not None:
             object.__setattr__(self, "fused_qkv", tuple(self.fused_qkv))
         if not isinstance(self.r, int) or self.r <= 0:
@@ -159,21 +178,21 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
         if self.fused_qkv is not None and (not self.fused_qkv or set(self.fused_qkv) - set(QKV)):
             raise ValueError(f"LoraConfig.fused_qkv must be a non-empty subset of {QKV}, got {self.fused_qkv!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
+        if self.use_dora:
+            # DoRA's magnitude is per output column of the whole matrix, and its norm needs the plain base.
+            for opt, bad in (("fused_qkv", self.fused_qkv is not None), ("init='pissa'", self.init == "pissa")):
+                if bad:
+                    raise ValueError(f"LoraConfig: use_dora=True cannot be combined with {opt} (PEFT's DoRA has no "
+                                     f"such variant; jlora would not compute what PEFT computes)")
+        try:
+            jnp.dtype(self.dtype)
+        except TypeError:
+            raise ValueError(f"LoraConfig.dtype {self.dtype!r} is not a dtype name") from None
 
     def replace(self, **changes) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
-
-    def targets_for(self, cfg: ModelConfig):
-        if self.target_modules is not None:
-            return self.target_modules
-        return ("c_attn",) if cfg.arch == "gpt2" else ("q_proj", "v_proj")
-
-    def layers(self):
-        if self.layers_to_transform is None:
-            return None
-        if isinstance(self.layers_to_transform, int):
-            return (self.layers_to_transform,)
-        return tuple(self.layers_to_transform)
 
     def rank_alpha_scale(self, name: str) -> Tuple[int, float, float]:
         """(r, alpha, scale) of the module ``name``, with the pattern overrides applied."""
@@ -189,13 +208,11 @@ def qkv_slices(cfg: ModelConfig, parts: Sequence[str]) -> Tuple[Tuple[int, int],
     return tuple((QKV.index(p) * width, (QKV.index(p) + 1) * width) for p in sorted(parts, key=QKV.index))
 
 
-def _module_suffixes(params):
-    return sorted({name.split(".")[-1] for name in T.linear_modules(params)} |
-                  {".".join(name.split(".")[-2:]) for name in T.linear_modules(params)})
-
-
 def init(key: jax.Array, cfg: ModelConfig, params, lcfg: LoraConfig):
     """Wraps the target kernels of ``params`` in `LoRA` (a new tree; ``params`` is not modified).
+
+    With ``lcfg.use_dora`` the targets become `jlora.peft.dora.DoRA` kernels instead; ``modules_to_save`` modules
+    are marked for full training (`jlora.peft.saved`).
 
     Args:
       key: PRNG key for the factor initialization.
@@ -209,12 +226,13 @@ def init(key: jax.Array, cfg: ModelConfig, params, lcfg: LoraConfig):
     Example:
       >>> params = jlora.lora.init(jax.random.key(0), cfg, params, jlora.LoraConfig(r=8, alpha=16))
     """
-    targets = lcfg.targets_for(cfg)
-    names = T.select(params, targets, lcfg.layers())
+    if lcfg.use_dora:
+        from jlora.peft import dora
+
+        return dora.init(key, cfg, params, lcfg)
+    names = lcfg.select(params, cfg.arch)
     if not names:
-        where = "" if lcfg.layers() is None else f" in layers {list(lcfg.layers())}"
-        raise ValueError(f"LoraConfig.target_modules {targets!r} matched no linear layer{where}; available: "
-                         f"{', '.join(_module_suffixes(params))}")
+        raise B.no_match_error(lcfg, params, cfg.arch)
     if lcfg.fused_qkv is not None:
         bad = [n for n in names if not n.endswith("c_attn")]
         if bad:
@@ -223,35 +241,37 @@ def init(key: jax.Array, cfg: ModelConfig, params, lcfg: LoraConfig):
     new = {}
     for i, name in enumerate(names):
         kernel = T.get_module(params, name)["kernel"]
-        if isinstance(kernel, LoRA):
-            raise ValueError(f"lora.init: {name} already has a LoRA adapter (strip or merge it first)")
+        B.check_free(name, kernel, "lora.init")
         r, _, scale = lcfg.rank_alpha_scale(name)
         d_in, d_out = kernel.shape
         slices = qkv_slices(cfg, lcfg.fused_qkv) if lcfg.fused_qkv is not None else None
         d_sel = d_out if slices is None else sum(e - s for s, e in slices)
         if r > min(d_in, d_sel):
             raise ValueError(f"LoraConfig: rank {r} for {name} exceeds its dimensions ({d_in} x {d_sel})")
-        ka, kb = jax.random.split(jax.random.fold_in(key, i))
         dt = jnp.dtype(lcfg.dtype)
         base = kernel
         if lcfg.init == "pissa":
             if slices is not None or is_wrapper(kernel):
                 raise ValueError(f"LoraConfig.init='pissa' needs a plain base kernel without fused_qkv ({name})")
             a, b, base = _pissa(kernel, r, scale)
-        elif lcfg.init == "gaussian":
-            a = jax.random.normal(ka, (d_in, r), jnp.float32) / r
-            b = jnp.zeros((r, d_sel), jnp.float32)
         else:
-            bound_a = 1.0 / math.sqrt(d_in)  # kaiming_uniform(a=sqrt(5)) on PEFT's [r, in] lora_A
-            a = jax.random.uniform(ka, (d_in, r), jnp.float32, -bound_a, bound_a)
-            if lcfg.init is False:
-                bound_b = 1.0 / math.sqrt(r)
-                b = jax.random.uniform(kb, (r, d_sel), jnp.float32, -bound_b, bound_b)
-            else:
-                b = jnp.zeros((r, d_sel), jnp.float32)
+            a, b = init_factors(jax.random.fold_in(key, i), lcfg.init, d_in, d_sel, r)
         new[name] = LoRA(base=base, a=a.astype(dt), b=b.astype(dt), scale=scale, slices=slices,
                          dropout=float(lcfg.dropout))
-    return T.replace_modules(params, new)
+    return B.finish_init(cfg, T.replace_modules(params, new), lcfg)
+
+
+def init_factors(key, how, d_in: int, d_out: int, r: int):
+    """``(a [in, r], b [r, out])`` in float32 for ``LoraConfig.init`` value ``how`` (PEFT's initializations)."""
+    ka, kb = jax.random.split(key)
+    if how == "gaussian":
+        return jax.random.normal(ka, (d_in, r), jnp.float32) / r, jnp.zeros((r, d_out), jnp.float32)
+    bound_a = 1.0 / math.sqrt(d_in)  # kaiming_uniform(a=sqrt(5)) on PEFT's [r, in] lora_A
+    a = jax.random.uniform(ka, (d_in, r), jnp.float32, -bound_a, bound_a)
+    if how is False:  # a non-identity adapter (tests)
+        bound_b = 1.0 / math.sqrt(r)
+        return a, jax.random.uniform(kb, (r, d_out), jnp.float32, -bound_b, bound_b)
+    return a, jnp.zeros((r, d_out), jnp.float32)
 
 
 def _pissa(kernel, r, scale):
@@ -265,15 +285,20 @@ def _pissa(kernel, r, scale):
 
 
 def strip(params):
-    """The tree with every `LoRA` wrapper replaced by its base (``strip(init(p)) == p`` for non-PiSSA inits)."""
-    def un(x):
-        while isinstance(x, LoRA):
-            x = x.base
-        return x
-
-    return jax.tree_util.tree_map(un, params, is_leaf=is_wrapper)
+    """The tree with every PEFT method removed (see `jlora.peft.base.strip`): ``strip(init(p)) == p`` for
+    non-PiSSA inits."""
+    return B.strip(params)
 
 
 def adapters(params) -> Dict[str, LoRA]:
     """{module name: LoRA wrapper} for every LoRA kernel in the tree."""
     return {name: k for name, k in T.linear_modules(params).items() if isinstance(k, LoRA)}
+
+
+def _claims(pconf: dict) -> bool:
+    return str(pconf.get("peft_type", "LORA")).upper() == "LORA" and not pconf.get("use_dora")
+
+
+METHOD = B.register(B.Method(kind="lora", config=LoraConfig, init=init, nodes=(LoRA,),
+                             codec="jlora.convert.peft_lora:LORA_CODEC", claims=_claims, peft_type="LORA",
+                             summary="LoRA: a low-rank update x @ W + scale * (x @ A) @ B on the target kernels"))

@@ -1,0 +1,118 @@
+"""PEFT's ``modules_to_save``: whole modules (``lm_head``, ``embed_tokens``, a classifier) trained in full next to
+an adapter, and saved whole with it.
+
+`mark` wraps every array of the selected modules in a `Saved` node (a `SavedKernel` at ``kernel``): the model
+reads it like the plain array, its role is ``"full"``, and it merges and strips to the trained array (as PEFT's
+``merge_and_unload``/``unload`` keep the trained copy). Any method config's ``modules_to_save`` goes through
+here (`jlora.peft.base.finish_init`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from flax import struct
+
+from jlora import tree as T
+from jlora.kernels import FULL, KernelWrapper, LeafWrapper, is_node, matmul
+from jlora.peft import base as B
+
+
+@struct.dataclass
+class Saved(LeafWrapper):
+    """A non-kernel leaf (embedding, bias, norm scale) of a ``modules_to_save`` module: trained in full."""
+
+    value: Any
+
+    def materialize(self):
+        return self.value
+
+    def strip(self):
+        return self.value
+
+    def labels(self, label_base):
+        return self.replace(value=FULL)
+
+    def shard(self, spec, fits):
+        return self.replace(value=tuple(spec))
+
+
+@struct.dataclass
+class SavedKernel(KernelWrapper):
+    """The kernel of a ``modules_to_save`` module: trained in full."""
+
+    base: Any
+
+    def matmul(self, x):
+        return matmul(x, self.base)
+
+    def materialize(self):
+        return self.base
+
+    def labels(self, label_base):
+        return self.replace(base=FULL)
+
+    def shard(self, spec_in, spec_out, fits):
+        return self.replace(base=(spec_in, spec_out))
+
+
+def module_names(params) -> list:
+    """Every module (a dict holding arrays) of the tree, by dotted name."""
+    out = set()
+    for name in T.named_leaves(params):
+        parts = name.split(".")
+        for k in range(1, len(parts)):
+            out.add(".".join(parts[:k]))
+    return sorted(out, key=T.natural_key)
+
+
+def mark(cfg, params, modules_to_save: Sequence[str]):
+    """``params`` with every leaf of the modules that ``modules_to_save`` names (PEFT's rule: a whole dotted
+    segment of the module name) wrapped for full training.
+
+    Raises:
+      ValueError naming the entry that selects no module (with a hint for a head tied to the embedding), or a
+      module that already carries an adapter.
+    """
+    leaves = T.named_leaves(params)
+    chosen = {}
+    for entry in modules_to_save:
+        hits = [n for n in leaves if B.in_modules_to_save(n.rsplit(".", 1)[0], (entry,))]
+        if not hits:
+            tied = (" (this model ties its output head to the input embedding: name the embedding, e.g. "
+                    f"{'wte' if cfg.arch == 'gpt2' else 'embed_tokens'})"
+                    if entry == "lm_head" and cfg.tie_embeddings else "")
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of this {cfg.arch} model{tied}")
+        for n in hits:
+            chosen[n] = leaves[n]
+    new = {}
+    for name, leaf in chosen.items():
+        if is_node(leaf):
+            raise ValueError(f"modules_to_save: {name} already carries a {type(leaf).__name__} node; a module is "
+                             f"either adapted or saved whole, not both")
+        new[name] = SavedKernel(base=leaf) if name.endswith(".kernel") else Saved(value=leaf)
+    return replace_leaves(params, new)
+
+
+def replace_leaves(params, new: dict):
+    """A copy of ``params`` with the leaves at the given dotted names replaced (dicts copied along the paths)."""
+    out = dict(params)
+    for name, value in new.items():
+        parts = name.split(".")
+        node = out
+        for p in parts[:-1]:
+            node[p] = dict(node[p])
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def saved_modules(params) -> dict:
+    """{dotted leaf name: Saved/SavedKernel node} of the tree."""
+    return {n: v for n, v in T.named_leaves(params).items() if isinstance(v, (Saved, SavedKernel))}
+
+
+METHOD = B.register(B.Method(kind="modules_to_save", config=None, init=lambda key, cfg, params, mcfg=None: params,
+                             nodes=(Saved, SavedKernel), standalone=False,
+                             summary="modules_to_save: whole modules trained in full beside an adapter"))
