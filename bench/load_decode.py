@@ -111,9 +111,12 @@ def main(argv=None):
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.model is None:
-        from jlora.cli import default_model_path
+        from jlora.model_path import default_model_path
 
-        a.model = default_model_path()
+        try:
+            a.model = default_model_path()
+        except FileNotFoundError as e:
+            raise SystemExit(f"load_decode: {e}") from None
     if a.single:
         print(json.dumps(run_jlora(a) if a.single == "jlora" else run_torch(a)))
         return

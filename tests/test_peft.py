@@ -225,9 +225,8 @@ def _copy(src, dst, edit_config=None, edit_tensors=None):
 
 
 @pytest.mark.parametrize("option,kw", [
-    ("use_dora", dict(use_dora=True)),
     ("bias", dict(bias="all")),
-    ("modules_to_save", dict(modules_to_save=["ln_f"])),
+    ("lora_bias", dict(lora_bias=True)),
 ])
 def test_unsupported_peft_options_are_named(models, tmp_path, option, kw):
     hf, cfg, base = models["gpt2"]
@@ -277,8 +276,8 @@ def test_bad_adapter_files_are_named(models, gpt2_adapter, tmp_path):
     with pytest.raises(ValueError, match=r"init_lora_weights='pissa' is not supported.*rewrote"):
         load_adapter(cfg, base, bad)
 
-    bad = _copy(gpt2_adapter, tmp_path / "ia3", edit_config=lambda c: c.update(peft_type="IA3"))
-    with pytest.raises(ValueError, match=r"peft_type 'IA3' is not supported"):
+    bad = _copy(gpt2_adapter, tmp_path / "vera", edit_config=lambda c: c.update(peft_type="VERA"))
+    with pytest.raises(ValueError, match=r"peft_type 'VERA' is not supported; jlora reads and writes: .*LORA"):
         load_adapter(cfg, base, bad)
 
     bad = _copy(gpt2_adapter, tmp_path / "pickle")
@@ -302,7 +301,7 @@ def test_adapter_for_another_model_is_named(models, tmp_path):
 
 def test_save_refuses_mismatched_lcfg_and_plain_trees(models, tmp_path):
     _, cfg, base = models["llama"]
-    with pytest.raises(ValueError, match="no LoRA adapter"):
+    with pytest.raises(ValueError, match="params has no adapter"):
         save_adapter(cfg, base, tmp_path / "x")
     jp = jlora.lora.init(jax.random.key(0), cfg, base, jlora.LoraConfig(r=4, alpha=8))
     with pytest.raises(ValueError, match="lcfg does not describe"):

@@ -329,9 +329,9 @@ def test_hf_dir_bos_rule_and_config_variants(hf_dir, tmp_path):
 def _write_small_gguf(path, source_gguf, *, pre, add_bos, n_merges=3000):
     """A GGUF carrying only a cut-down copy of SmolLM2's byte-level vocabulary (so it loads fast)."""
     gguf = pytest.importorskip("gguf")
-    from jlora.tokenizer import _read_gguf_tokenizer_metadata
+    from jlora.convert.gguf import read_metadata
 
-    meta = _read_gguf_tokenizer_metadata(source_gguf)
+    meta = read_metadata(source_gguf)
     tokens = list(meta["tokenizer.ggml.tokens"][:17])  # control tokens
     types = [3] * 17
     have = set(tokens)
@@ -414,7 +414,7 @@ def test_errors(tmp_path, jl_tok):
 
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"not a gguf file at all")
-    with pytest.raises(ValueError, match=r"garbage\.gguf.*not a readable GGUF"):
+    with pytest.raises(ValueError, match=r"garbage\.gguf.*not a valid GGUF"):
         load_tokenizer(garbage)
 
     other = tmp_path / "notes.txt"

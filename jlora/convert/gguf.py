@@ -26,7 +26,7 @@ import functools
 import inspect
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -223,6 +223,48 @@ def _open(path: str, fast: bool = True):
     return reader
 
 
+def _field_value(field: Any) -> Any:
+    """A GGUF metadata value as Python (str, int, float, bool, or list of those)."""
+    if hasattr(field, "contents"):
+        return field.contents()
+    # Older gguf packages: decode from the raw parts.
+    from gguf import GGUFValueType
+
+    def one(part, vtype):
+        if vtype == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        value = part.tolist()[0]
+        return bool(value) if vtype == GGUFValueType.BOOL else value
+
+    if field.types and field.types[0] == GGUFValueType.ARRAY:
+        return [one(field.parts[i], field.types[-1]) for i in field.data]
+    return one(field.parts[field.data[0]], field.types[0])
+
+
+def read_metadata(path) -> Dict[str, Any]:
+    """Every metadata value of a GGUF file as Python values (``{"general.architecture": "llama", ...}``).
+
+    The reader is `_open`'s, the one that loads the weights. Parsing the ~100k tokenizer strings of a real
+    vocabulary takes a while, so the result is cached per (file, size, mtime) for the life of the process;
+    do not mutate it.
+
+    Raises:
+      ValueError: not a valid GGUF file (naming it). OSError: the file cannot be opened.
+    """
+    path = os.fspath(path)
+    st = os.stat(path)
+    return _read_metadata_cached(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_metadata_cached(path: str, size: int, mtime_ns: int) -> Dict[str, Any]:
+    reader = _open(path)
+    try:
+        return {name: _field_value(field) for name, field in reader.fields.items()}
+    except Exception as e:  # a value that does not decode (bad UTF-8, an unknown value type)
+        raise ValueError(f"{path}: not a valid GGUF file (unreadable metadata): {type(e).__name__}: {e}") from None
+
+
 _MISSING = object()
 
 
@@ -234,7 +276,7 @@ def _meta(reader, key: str, path: str, default=_MISSING, kind=int):
             raise ValueError(f"{path}: missing GGUF metadata key {key!r}")
         return default
     try:
-        value = field.contents()
+        value = _field_value(field)
         if kind is float:  # float32 in the file: take its shortest decimal form (9.999999747e-06 -> 1e-05)
             return float(str(np.float32(value)))
         return kind(value)
