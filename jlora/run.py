@@ -7,9 +7,9 @@
     remat = false
 
     [method]
-    kind = "lora"               # lora | full
-    r = 8
-    alpha = 16
+    kind = "lora"               # lora | dora | ia3 | full (jlora.peft.base.kinds())
+    r = 8                       # the rest of [method] are the fields of the method's config dataclass
+    alpha = 16                  #   (LoraConfig, DoraConfig, IA3Config); unknown keys are errors
     target_modules = ["q_proj", "v_proj"]
 
     [data]
@@ -32,7 +32,8 @@
     mesh = ""                   # "" = one device; e.g. "data=4,fsdp=2" (see jlora.parallel); may change on resume
     distributed = false         # multi-host: call jax.distributed.initialize() first (TPU pods, multi-node GPU)
 
-Every key is checked: an unknown section or key is an error naming it. ``--set section.key=value`` overrides a
+Every key is checked: an unknown section or key is an error naming it; [method] keys are checked against the
+chosen method's config (its defaults fill the rest: PEFT's, e.g. LoRA ``alpha = 8``). ``--set section.key=value`` overrides a
 value (parsed as TOML, so ``--set optim.learning_rate=1e-4`` and ``--set method.target_modules='["q_proj"]'``
 work). The resolved config is stored in the run directory; a run directory made with a different config is
 refused rather than mixed.
@@ -48,9 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     "model": {"path": "smollm2", "dtype": "float32", "base_dtype": "float32", "remat": False},
-    "method": {"kind": "lora", "r": 8, "alpha": 16.0, "target_modules": None, "dropout": 0.0, "use_rslora": False,
-               "rank_pattern": {}, "alpha_pattern": {}, "init": True, "layers_to_transform": None,
-               "fused_qkv": None},
+    "method": {"kind": "lora"},  # plus the fields of the method's config (checked by `method_config`)
     "data": {"train": None, "eval": None, "eval_fraction": 0.0, "seq_len": 256, "batch_size": 8,
              "eval_batch_size": None, "accum_steps": 1, "pack": True, "overflow": "truncate", "seed": 0},
     "optim": {"learning_rate": 2e-4, "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0,
@@ -109,7 +108,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
         if not isinstance(values, dict):
             raise ValueError(f"{src}: [{section}] must be a table of keys")
         for key, value in values.items():
-            if key not in DEFAULTS[section]:
+            if key not in DEFAULTS[section] and section != "method":
                 raise ValueError(f"{src}: unknown key {section}.{key} (known: {', '.join(DEFAULTS[section])})")
             out[section][key] = value
     for item in overrides:
@@ -117,16 +116,42 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
             raise ValueError(f"--set {item!r}: expected section.key=value")
         dotted, text = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        if section not in DEFAULTS or key not in DEFAULTS[section]:
+        if section not in DEFAULTS or (key not in DEFAULTS[section] and section != "method"):
             raise ValueError(f"--set {item!r}: unknown key {dotted}")
         out[section][key] = _parse_value(text)
     _validate(out, src)
     return out
 
 
+def _jsonable(x):
+    if isinstance(x, tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    return x
+
+
 def _validate(c, src):
-    if c["method"]["kind"] not in ("lora", "full"):
-        raise ValueError(f"{src}: method.kind must be 'lora' or 'full', got {c['method']['kind']!r}")
+    from jlora.peft import base as B
+
+    kind = c["method"].get("kind")
+    if kind not in B.kinds():
+        raise ValueError(f"{src}: method.kind must be one of {', '.join(B.kinds())}, got {kind!r}")
+    options = {k: v for k, v in c["method"].items() if k != "kind"}
+    if B.get(kind).config is None:
+        # Full fine-tuning has no options; a config written for a PEFT method may still be switched to it with
+        # --method full, so the options of other methods are set aside (but a typo is still an error).
+        known = {f.name for m in B.methods() if m.config is not None for f in dataclasses.fields(m.config)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"{src}: unknown option method.{unknown[0]} (no method has it)")
+        options = {}
+    mcfg = B.get(kind).make_config(options, src)
+    # The resolved [method]: every field of the method's config, so a run's identity does not depend on
+    # which defaults were spelled out.
+    c["method"] = {"kind": kind, **({} if mcfg is None else
+                                    {f.name: _jsonable(getattr(mcfg, f.name)) for f in dataclasses.fields(mcfg)
+                                     if f.init})}
     if not c["data"]["train"]:
         raise ValueError(f"{src}: data.train is required (a .jsonl or .txt file)")
     if not c["run"]["dir"]:
@@ -154,14 +179,16 @@ def _fit_config(c):
                      keep_last=r["keep_last"], log_every=r["log_every"], seed=r["seed"])
 
 
-def lora_config(c):
-    """The `jlora.LoraConfig` of a resolved run config's [method] section."""
-    import jlora
+def method_config(c):
+    """The method config (`jlora.LoraConfig`, `DoraConfig`, `IA3Config`; None for full fine-tuning) of a resolved
+    run config's [method] section."""
+    from jlora.peft import base as B
 
-    m = c["method"]
-    kw = {k: m[k] for k in ("r", "dropout", "use_rslora", "rank_pattern", "alpha_pattern", "init",
-                            "layers_to_transform", "fused_qkv")}
-    return jlora.LoraConfig(alpha=float(m["alpha"]), target_modules=m["target_modules"], **kw)
+    m = dict(c["method"])
+    return B.get(m.pop("kind")).make_config(m)
+
+
+lora_config = method_config  # the name before the method seam
 
 
 def build_model(c, log=print):
@@ -182,10 +209,13 @@ def build_model(c, log=print):
         path = resolve_model(spec)
         cfg, params = jlora.load_pretrained(path)
     cfg = cfg.replace(dtype=c["model"]["dtype"], remat=bool(c["model"]["remat"]))
-    if c["method"]["kind"] == "lora":
+    from jlora.peft import base as B
+
+    method = B.get(c["method"]["kind"])
+    if method.kind != "full":  # a parameter-efficient method: the base is frozen and may be stored narrower
         if c["model"]["base_dtype"] != "float32":
             params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(c["model"]["base_dtype"])), params)
-        params = jlora.lora.init(jax.random.key(c["run"]["seed"] + 1), cfg, params, lora_config(c))
+        params = method.init(jax.random.key(c["run"]["seed"] + 1), cfg, params, method_config(c))
     return path, cfg, params
 
 
@@ -219,7 +249,8 @@ def _tokenizer_for(path, c):
 
 def train_run(c, log=print, progress=True, eval_fn=None, stop_at=None):
     """Runs (or resumes) the training described by the resolved config ``c`` and writes the result:
-    a PEFT adapter (``<dir>/adapter``) for LoRA or a Hugging Face model (``<dir>/model``) for full fine-tuning.
+    a PEFT adapter (``<dir>/adapter``) for a PEFT method or a Hugging Face model (``<dir>/model``) for full
+    fine-tuning.
 
     Returns:
       the `jlora.loop.FitResult`.
@@ -249,9 +280,9 @@ def train_run(c, log=print, progress=True, eval_fn=None, stop_at=None):
     if int(res.state.step) == c["run"]["steps"]:
         final = parallel.to_host(res.state.params) if mesh is not None else res.state.params
     if int(res.state.step) == c["run"]["steps"] and jax.process_index() == 0:
-        if c["method"]["kind"] == "lora":
+        if c["method"]["kind"] != "full":
             out = os.path.join(run_dir, "adapter")
-            jlora.save_adapter(cfg, final, out, lora_config(c))
+            jlora.save_adapter(cfg, final, out, method_config(c))
         else:
             out = os.path.join(run_dir, "model")
             jlora.save_pretrained(cfg.replace(dtype="float32", remat=False), final, out)

@@ -287,12 +287,21 @@ def test_gradient_and_dropout_match_peft_layer(p):
 # Training
 
 
-def _tiny(dropout=0.0, targets=("q_proj", "k_proj", "o_proj", "down_proj")):
-    """One-layer tiny Llama (GQA) with random DoRA factors: (cfg, a function returning a fresh tree)."""
-    cfg = jlora.preset("tiny-llama").replace(n_layers=1)
-    base = jlora.init_params(cfg, jax.random.key(1))
+@pytest.fixture(scope="module")
+def tiny(models):
+    """The Llama of `models` cut to its first layer (GQA kept), on the host: ``(cfg, base)``. Cheaper to compile
+    than the whole model, and free to make (no init_params)."""
+    _, cfg, base = models["llama"]
+    base = jax.device_get(base)
+    base = {**base, "model": {**base["model"], "layers": {"0": base["model"]["layers"]["0"]}}}
+    return cfg.replace(n_layers=1), base
+
+
+def _fresh(tiny, dropout=0.0, targets=("q_proj", "k_proj", "o_proj", "down_proj")):
+    """A fresh tree with random DoRA factors (a new one each call: training donates its input buffers)."""
+    cfg, base = tiny
     dcfg = DoraConfig(r=4, alpha=8, target_modules=list(targets), init=False, dropout=dropout)
-    return cfg, lambda: dora.init(jax.random.key(2), cfg, base, dcfg)
+    return dora.init(jax.random.key(2), cfg, base, dcfg)
 
 
 def _tiny_batches():
@@ -301,9 +310,10 @@ def _tiny_batches():
     return Batches(seqs, seq_len=16, batch_size=4, seed=3)
 
 
-def test_training_updates_only_dora_leaves_and_resumes_exactly(tmp_path):
-    cfg, fresh = _tiny(dropout=0.1)
-    dp = jax.device_get(fresh())  # a host copy: fit donates its input buffers
+def test_training_updates_only_dora_leaves_and_resumes_exactly(tiny, tmp_path):
+    cfg = tiny[0]
+    fresh = lambda: _fresh(tiny, dropout=0.1)  # noqa: E731
+    dp = jax.device_get(fresh())
     labels = jlora.trainable_labels(dp)
     k = labels["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     assert (k.base, k.a, k.b, k.m) == ("frozen", "lora_a", "lora_b", "dora_magnitude")
@@ -331,9 +341,8 @@ def test_training_updates_only_dora_leaves_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-def test_sharded_training_equals_one_device():
-    cfg, fresh = _tiny()
-    dp = fresh()
+def test_sharded_training_equals_one_device(tiny):
+    cfg, dp = tiny[0], _fresh(tiny)
     labels = jlora.trainable_labels(dp)
     tx = train.make_optimizer(labels, 1e-2, weight_decay=0.01, eps=1e-4)  # eps: see tests/test_parallel.py
     batches = []
@@ -378,15 +387,14 @@ def test_sharded_training_equals_one_device():
 # Bad input
 
 
-def test_bad_configs_name_the_option():
+def test_bad_configs_name_the_option(models):
     with pytest.raises(ValueError, match="use_dora=True cannot be combined with fused_qkv"):
         jlora.LoraConfig(use_dora=True, fused_qkv=("q", "v"))
     with pytest.raises(ValueError, match="use_dora=True cannot be combined with init='pissa'"):
         DoraConfig(init="pissa")
     with pytest.raises(ValueError, match="DoraConfig.use_dora must be True"):
         DoraConfig(use_dora=False)
-    cfg = jlora.preset("tiny-gpt2")
-    params = jlora.init_params(cfg, jax.random.key(0))
+    _, cfg, params = models["gpt2"]
     with pytest.raises(ValueError, match="use_dora=False"):
         dora.init(jax.random.key(0), cfg, params, jlora.LoraConfig())
     with pytest.raises(ValueError, match="target_modules .* matched no linear layer"):

@@ -133,8 +133,18 @@ def test_config_errors_name_the_key(model_dir, tmp_path, capsys):
         run.load_config(str(bad))
     with pytest.raises(ValueError, match="data.train is required"):
         run.load_config(None, ["run.dir=x"])
-    with pytest.raises(ValueError, match="method.kind must be"):
-        run.load_config(None, ["run.dir=x", "data.train=y", "method.kind=ia3"])
+    with pytest.raises(ValueError, match="method.kind must be one of dora, ia3, lora, full, got 'vera'"):
+        run.load_config(None, ["run.dir=x", "data.train=y", "method.kind=vera"])
+    with pytest.raises(ValueError, match=r"unknown option method.lora_alpha for method.kind 'lora' \(its options: "
+                                         r"alpha, .*\)"):
+        run.load_config(None, ["run.dir=x", "data.train=y", "method.lora_alpha=8"])
+    with pytest.raises(ValueError, match=r"IA3Config.feedforward_modules"):
+        run.load_config(None, ["run.dir=x", "data.train=y", "method.kind=ia3", 'method.target_modules=["k_proj"]',
+                               'method.feedforward_modules=["down_proj"]'])
+    with pytest.raises(ValueError, match=r"unknown option method.rr \(no method has it\)"):
+        run.load_config(None, ["run.dir=x", "data.train=y", "method.kind=full", "method.rr=4"])
+    assert run.load_config(None, ["run.dir=x", "data.train=y", "method.kind=full", "method.r=4"])["method"] == {
+        "kind": "full"}
     c = run.load_config(None, ["run.dir=x", "data.train=y", "optim.learning_rate=3e-4",
                                'method.target_modules=["q_proj"]'])
     assert c["optim"]["learning_rate"] == 3e-4 and c["method"]["target_modules"] == ["q_proj"]
