@@ -253,8 +253,6 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: O
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
 
-    if cfg.arch == "gpt2":
-        x = x + jnp.take(materialize(tree["wpe"]["embedding"]), positions, axis=0).astype(dt)
     n_virtual = 0
     prompt = _hook(tree, "input_prefix")
     if prompt is not None:  # virtual token embeddings (prompt tuning) before the first token, dropped at the end
@@ -262,14 +260,17 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: O
             raise NotImplementedError("an input_prefix hook with a KV cache is not supported yet")
         pe = prompt.embeds(b, dt)
         n_virtual = pe.shape[1]
-        x = jnp.concatenate([pe, x], axis=1)
+        x = jnp.concatenate([pe.astype(dt), x], axis=1)
         full = t + n_virtual
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         valid = jnp.concatenate([jnp.ones((b, n_virtual), bool), valid], axis=1)
         causal = jnp.tril(jnp.ones((full, full), bool))
         mask = ((valid[:, None, :] & causal[None]) | jnp.eye(full, dtype=bool)[None])[:, None]
+        # The virtual tokens take positions 0..P-1 and the real ones follow (as when they are fed as inputs).
         positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_virtual, dtype=positions.dtype)[None],
                                                       (b, n_virtual)), positions + n_virtual], axis=1)
+    if cfg.arch == "gpt2":
+        x = x + jnp.take(materialize(tree["wpe"]["embedding"]), positions, axis=0).astype(dt)
     x = _constrain(x)
 
     block = functools.partial(_block, cfg)

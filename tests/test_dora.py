@@ -310,72 +310,67 @@ def _tiny_batches():
     return Batches(seqs, seq_len=16, batch_size=4, seed=3)
 
 
-def test_training_updates_only_dora_leaves_and_resumes_exactly(tiny, tmp_path):
-    cfg = tiny[0]
-    fresh = lambda: _fresh(tiny, dropout=0.1)  # noqa: E731
-    dp = jax.device_get(fresh())
+FIT = loop.FitConfig(steps=4, learning_rate=1e-2, warmup_steps=1, weight_decay=0.01, save_every=2, log_every=1,
+                     adam_eps=1e-4)  # eps: see tests/test_parallel.py (Adam's sign of float32 noise)
+QUIET = dict(progress=False, log=lambda s: None, run_config={"method": "dora"})
+
+
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    """An uninterrupted 4-step `loop.fit` run of DoRA with dropout on one device: (initial params, result)."""
+    dp = jax.device_get(_fresh(tiny, dropout=0.1))
+    res = loop.fit(tiny[0], _fresh(tiny, dropout=0.1), _tiny_batches(), run_dir=str(tmp_path_factory.mktemp("a")),
+                   fit_config=FIT, **QUIET)
+    return dp, res
+
+
+def test_training_updates_only_dora_leaves_and_resumes_exactly(tiny, straight, tmp_path):
+    dp, res = straight
     labels = jlora.trainable_labels(dp)
     k = labels["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     assert (k.base, k.a, k.b, k.m) == ("frozen", "lora_a", "lora_b", "dora_magnitude")
     assert jlora.kernels.ROLE_DECAY["dora_magnitude"] is False  # a scale vector: never weight-decayed
     n_train = jlora.param_report(dp, labels)["trainable"]
     assert n_train == sum(ad.a.size + ad.b.size + ad.m.size for ad in dora.adapters(dp).values())
-
-    fc = loop.FitConfig(steps=4, learning_rate=1e-2, warmup_steps=1, weight_decay=0.01, save_every=2, log_every=1)
-    quiet = dict(progress=False, log=lambda s: None, run_config={"method": "dora"})
-    straight = loop.fit(cfg, fresh(), _tiny_batches(), run_dir=str(tmp_path / "a"), fit_config=fc, **quiet)
     # mu and nu for every trainable parameter, nothing for the frozen ones (besides scalar step counts)
-    opt = [x for x in jax.tree_util.tree_leaves(straight.state.opt_state) if np.ndim(x)]
+    opt = [x for x in jax.tree_util.tree_leaves(res.state.opt_state) if np.ndim(x)]
     assert sum(x.size for x in opt) == 2 * n_train
-    after = jax.device_get(straight.state.params)
+    after = jax.device_get(res.state.params)
     assert _tree_equal(jlora.split(after, labels)[1], jlora.split(dp, labels)[1])  # frozen: bitwise unchanged
     for name, ad in dora.adapters(after).items():
         old = dora.adapters(dp)[name]
         assert all(bool((getattr(ad, f) != getattr(old, f)).any()) for f in ("a", "b", "m")), name
 
-    loop.fit(cfg, fresh(), _tiny_batches(), run_dir=str(tmp_path / "b"), fit_config=fc, stop_at=2, **quiet)
-    resumed = loop.fit(cfg, fresh(), _tiny_batches(), run_dir=str(tmp_path / "b"), fit_config=fc, **quiet)
+    # stop after step 2, resume in a new fit: bitwise the same run (dropout keys included)
+    cfg = tiny[0]
+    loop.fit(cfg, _fresh(tiny, dropout=0.1), _tiny_batches(), run_dir=str(tmp_path), fit_config=FIT, stop_at=2,
+             **QUIET)
+    resumed = loop.fit(cfg, _fresh(tiny, dropout=0.1), _tiny_batches(), run_dir=str(tmp_path), fit_config=FIT,
+                       **QUIET)
     assert resumed.resumed_from == 2
     assert isinstance(T.get_module(resumed.state.params, "model.layers.0.mlp.down_proj")["kernel"], DoRA)
-    assert _tree_equal(jax.device_get(resumed.state.params), after)  # bitwise
+    assert _tree_equal(jax.device_get(resumed.state.params), after)
+    assert [h["loss"] for h in resumed.history if "loss" in h] == [h["loss"] for h in res.history if "loss" in h][2:]
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-def test_sharded_training_equals_one_device(tiny):
-    cfg, dp = tiny[0], _fresh(tiny)
-    labels = jlora.trainable_labels(dp)
-    tx = train.make_optimizer(labels, 1e-2, weight_decay=0.01, eps=1e-4)  # eps: see tests/test_parallel.py
-    batches = []
-    for i in range(2):
-        ids = np.random.default_rng(i).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
-        batches.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)})
-
-    state = train.init_state(dp, tx, 0)
-    step = jax.jit(train.make_train_step(cfg, tx, labels, max_grad_norm=1.0))
-    ref = []
-    for b in batches:
-        state, m = step(state, b)
-        ref.append(float(m["loss"]))
-
+def test_sharded_training_equals_one_device(tiny, straight, tmp_path):
+    _, ref = straight
     mesh = parallel.make_mesh("data=2,fsdp=2,tensor=2")
-    s_state, sh = parallel.init_sharded_state(dp, tx, mesh, 0)
-    s_step = parallel.make_sharded_train_step(cfg, tx, labels, mesh, sh, max_grad_norm=1.0)
-    losses = []
-    for b in batches:
-        s_state, m = s_step(s_state, parallel.global_batch(b, mesh))
-        losses.append(float(m["loss"]))
-    np.testing.assert_allclose(losses, ref, rtol=2e-6, atol=1e-6)
-    for (path, r), x in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)),
-                            jax.tree_util.tree_leaves(jax.device_get(s_state.params))):
-        np.testing.assert_allclose(x, r, rtol=1e-5, atol=1e-5, err_msg=T.path_str(path))
+    res = loop.fit(tiny[0], _fresh(tiny, dropout=0.1), _tiny_batches(), run_dir=str(tmp_path), fit_config=FIT,
+                   mesh=mesh, **QUIET)
+    losses = lambda r: [h["loss"] for h in r.history if "loss" in h]  # noqa: E731
+    np.testing.assert_allclose(losses(res), losses(ref), rtol=2e-6, atol=1e-6)
+    for (path, r), x in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(ref.state.params)),
+                            jax.tree_util.tree_leaves(jax.device_get(res.state.params))):
+        np.testing.assert_allclose(x, r, rtol=1e-5, atol=1e-5, err_msg=T.path_str(path))  # atol = lr / 1000
 
-    # m and b follow the base's output axis, a its input axis
-    def dims(sharding, n):
-        return (tuple(sharding.spec) + (None,) * n)[:n]
+    # the trained state's layout: m and b follow the base's output axis, a its input axis
+    def dims(x, n):
+        return (tuple(x.sharding.spec) + (None,) * n)[:n]
 
     sharded_out = 0
-    for name in dora.adapters(dp):
-        k = T.get_module(sh.params, name)["kernel"]
+    for name, k in dora.adapters(res.state.params).items():
         spec_in, spec_out = dims(k.base, 2)
         assert dims(k.m, 1) == (spec_out,) and dims(k.b, 2) == (None, spec_out), name
         assert dims(k.a, 2) == (spec_in, None), name

@@ -25,7 +25,7 @@ that does not exist), a wrong shape, or an option jlora cannot honour is a Value
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -211,8 +211,9 @@ class IA3Codec:
             for n in names:
                 if mcfg.is_feedforward(n, cfg.arch) != ads[n].feedforward:
                     kind = "feed-forward" if ads[n].feedforward else "not feed-forward"
-                    _fail("save_adapter", f"mcfg does not describe the adapters in params: {n} is {kind} in params "
-                                          f"but not by mcfg.feedforward_modules (omit mcfg to derive the config)")
+                    _fail("save_adapter", f"mcfg does not describe the adapters in params: {n} is {kind} in params, "
+                                          f"mcfg.feedforward_modules says otherwise (omit mcfg to derive the config "
+                                          f"from the wrappers)")
             targets = mcfg.targets_for(cfg)
             exclude, mts = mcfg.exclude_modules, mcfg.modules_to_save
             preferred = mcfg.feedforward_for_arch(cfg.arch)
