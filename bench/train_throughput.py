@@ -6,8 +6,10 @@ table and the ratios; ``--json FILE`` writes the raw numbers.
     python bench/train_throughput.py --model smollm2-135m --batch 8 --seq 128 --steps 5
     python bench/train_throughput.py --model gpt2 --dtype bfloat16 --batch 16 --seq 1024   # on a GPU
 
-Model: a preset name (random init, same shapes as the real model) or a path (.gguf / HF dir). LoRA is r=8 on
-q and v (PEFT's ``c_attn`` for GPT-2, which holds q, k and v). FLOPs per token for MFU: 6N + 12 L T d
+Model: a preset name (random init, same shapes as the real model) or a path (.gguf / HF dir). Methods
+(``--methods lora,dora,ia3,full``): LoRA and DoRA are r=8, alpha 16 on q and v (PEFT's ``c_attn`` for GPT-2,
+which holds q, k and v); IA3 uses PEFT's default targets (GPT-2 ``c_attn``, ``mlp.c_proj``; Llama ``k_proj``,
+``v_proj``, ``down_proj``, the last one feed-forward); the same configs on both sides. FLOPs per token for MFU: 6N + 12 L T d
 (training, attention included; LoRA counted with the same model FLOPs, as the LoRA paper does).
 """
 
@@ -47,9 +49,12 @@ def run_jlora(a) -> dict:
     else:
         cfg, params = jlora.load_pretrained(a.model)
     cfg = cfg.replace(dtype=a.dtype, remat=a.remat, attention=a.attention)
-    if a.method == "lora":
-        params = jlora.lora.init(jax.random.key(1), cfg, params,
-                                 jlora.LoraConfig(r=8, alpha=16, target_modules=_targets(cfg.arch)))
+    if a.method != "full":
+        from jlora.peft import base as B
+
+        method = B.get(a.method)
+        opts = {} if a.method == "ia3" else {"r": 8, "alpha": 16.0, "target_modules": _targets(cfg.arch)}
+        params = method.init(jax.random.key(1), cfg, params, method.make_config(opts))
         if a.frozen_dtype != "float32":  # a frozen base may be stored in bf16
             labels = jlora.trainable_labels(params)
             tr, fr = jlora.split(params, labels)
@@ -103,12 +108,16 @@ def run_torch(a) -> dict:
     model.to(dev).train()
     if a.remat:
         model.gradient_checkpointing_enable()
-    if a.method == "lora":
+    if a.method != "full":
         import peft
 
         arch = "gpt2" if model.config.model_type == "gpt2" else "llama"
-        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=_targets(arch),
-                                                           lora_dropout=0.0))
+        if a.method == "ia3":
+            pcfg = peft.IA3Config(task_type="CAUSAL_LM")
+        else:
+            pcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=_targets(arch), lora_dropout=0.0,
+                                   use_dora=a.method == "dora")
+        model = peft.get_peft_model(model, pcfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
@@ -136,7 +145,8 @@ def run_torch(a) -> dict:
         loss = step(batches[i % 2])
     sync()
     dt = (time.perf_counter() - t0) / a.steps
-    out = {"framework": "torch+peft" if a.method == "lora" else "torch", "method": a.method, "step_s": dt,
+    out = {"framework": "torch+peft" if a.method != "full" else "torch", "method": a.method, "step_s": dt,
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "tokens_per_s": a.batch * a.seq / dt, "compile_s": first, "loss": float(loss),
            "peak_rss_mb": _peak_rss_mb(), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
     if dev == "cuda":
@@ -163,7 +173,7 @@ def main(argv=None):
     p.add_argument("--frozen-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--remat", action="store_true")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
-    p.add_argument("--methods", default="lora,full")
+    p.add_argument("--methods", default="lora,full", help="comma list of lora, dora, ia3, full")
     p.add_argument("--frameworks", default="jlora,torch")
     p.add_argument("--json", default=None)
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
@@ -186,7 +196,7 @@ def main(argv=None):
             results.append(r)
             mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
             dev_mem = f"  device peak {r['peak_device_mb']:.0f} MB" if "peak_device_mb" in r else ""
-            print(f"{fw:>10} {method:>5}: {r['tokens_per_s']:9.1f} tok/s  step {r['step_s'] * 1000:8.1f} ms  "
+            print(f"{fw:>10} {method:>5}: {r['trainable']:>11,} trainable  {r['tokens_per_s']:9.1f} tok/s  step {r['step_s'] * 1000:8.1f} ms  "
                   f"first step {r['compile_s']:6.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB{dev_mem}{mfu}",
                   flush=True)
     by = {(r["framework"].split("+")[0], r["method"]): r for r in results}

@@ -1,4 +1,4 @@
-"""jlora: fine-tune GPT-style language models in JAX/Flax (full fine-tuning and LoRA), with exact
+"""jlora: fine-tune GPT-style language models in JAX/Flax (full fine-tuning, LoRA, DoRA, IA3), with exact
 Hugging Face / PEFT / GGUF interop. See README.md for the tour; the public surface is listed here.
 
     import jlora
@@ -6,16 +6,22 @@ Hugging Face / PEFT / GGUF interop. See README.md for the tour; the public surfa
     logits = jlora.apply(cfg, params, tokens)
     params = jlora.lora.init(key, cfg, params, jlora.LoraConfig(r=8, alpha=16))
     merged = jlora.merge(params)
+    params = jlora.ia3.init(key, cfg, base, jlora.IA3Config())   # any registered method: jlora.methods.get(kind)
 """
 
-from jlora import parallel, tree
+from jlora import model_path, parallel, tree
 from jlora.config import PRESETS, ModelConfig, preset
 from jlora.convert import load_pretrained, save_pretrained
 from jlora.convert.peft import config_from_peft, load_adapter, lora_config_from_peft, save_adapter
 from jlora.generate import chat, generate
 from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul, merge
 from jlora.model import apply, forward, init_cache, init_params, lm_head, param_shapes
-from jlora.peft import lora
+from jlora.model_path import DEFAULT_MODEL, default_model_path, find_default_model, resolve_model
+from jlora.peft import base as methods
+from jlora.peft import dora, ia3, lora
+from jlora.peft.base import strip
+from jlora.peft.dora import DoRA, DoraConfig
+from jlora.peft.ia3 import IA3, IA3Config
 from jlora.peft.lora import LoRA, LoraConfig
 from jlora.tokenizer import Tokenizer, load_tokenizer
 from jlora.tree import combine, format_report, param_report, split, trainable_labels

@@ -249,7 +249,7 @@ def _norm_name(cfg):
 
 def test_modules_to_save_trains_whole_modules_and_strips_to_them(model):
     cfg, params = model
-    target = "lm_head" if not cfg.tie_embeddings else ("wte" if cfg.arch == "gpt2" else "embed_tokens")
+    target = "lm_head" if not cfg.tie_embeddings else ("wpe" if cfg.arch == "gpt2" else "embed_tokens")
     lcfg = jlora.LoraConfig(r=2, modules_to_save=[target, _norm_name(cfg)])
     lp = jlora.lora.init(jax.random.key(1), cfg, params, lcfg)
     saved = {n for n, v in jlora.tree.named_leaves(lp).items() if isinstance(v, (Saved, SavedKernel))}
@@ -269,6 +269,8 @@ def test_modules_to_save_trains_whole_modules_and_strips_to_them(model):
     if cfg.tie_embeddings:
         with pytest.raises(ValueError, match="ties its output head to the input embedding"):
             jlora.lora.init(jax.random.key(1), cfg, params, jlora.LoraConfig(modules_to_save=["lm_head"]))
+        with pytest.raises(ValueError, match="selects the input embedding of a model whose output head is tied"):
+            jlora.lora.init(jax.random.key(1), cfg, params, jlora.LoraConfig(modules_to_save=["wte"]))
 
 
 def test_param_report_counts_logical_parameters(model):

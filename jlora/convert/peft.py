@@ -177,8 +177,6 @@ def save_adapter(cfg: ModelConfig, params, out_dir, mcfg=None, *, base_model_nam
     if mts is None and saved:
         mts = sorted({n.rsplit(".", 1)[0] for n in saved_modules(params)}, key=T.natural_key)
     pconf.update({"base_model_name_or_path": base_model_name_or_path, "modules_to_save": list(mts) if mts else None})
-    if saved and cfg.tie_embeddings:
-        pconf["ensure_weight_tying"] = True  # a saved embedding also feeds the tied head, as in jlora
     out = codec.tensors_to_peft(cfg, params, dtype)
     tensors, metadata = out if isinstance(out, tuple) else (out, None)
     clash = sorted(set(tensors) & set(saved))
@@ -307,13 +305,6 @@ def load_adapter(cfg: ModelConfig, base_params, adapter_dir, *, dtype=jnp.float3
                              f"save_pretrained(dir, safe_serialization=True)")
         raise FileNotFoundError(f"{adapter_dir}: no {WEIGHTS_NAME}")
     src = TensorSource(SafetensorsFile(wpath), cfg, base_params, wpath)
-    if getattr(mcfg, "modules_to_save", None) and cfg.tie_embeddings and not pconf.get("ensure_weight_tying"):
-        emb = "wte" if cfg.arch == "gpt2" else "embed_tokens"
-        if any(B.in_modules_to_save(f"{'transformer' if cfg.arch == 'gpt2' else 'model'}.{emb}", (m,))
-               for m in mcfg.modules_to_save):
-            _fail(cpath, f"modules_to_save trains the input embedding of a model whose output head is tied to it, "
-                         f"without ensure_weight_tying: PEFT then keeps the head on the original embedding, which "
-                         f"jlora's tied model cannot express")
     saved_keys = set()
     if getattr(mcfg, "modules_to_save", None):
         from jlora.convert.hf import key_table

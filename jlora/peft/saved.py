@@ -80,10 +80,16 @@ def mark(cfg, params, modules_to_save: Sequence[str]):
     for entry in modules_to_save:
         hits = [n for n in leaves if B.in_modules_to_save(n.rsplit(".", 1)[0], (entry,))]
         if not hits:
-            tied = (" (this model ties its output head to the input embedding: name the embedding, e.g. "
-                    f"{'wte' if cfg.arch == 'gpt2' else 'embed_tokens'})"
+            tied = (" (this model ties its output head to the input embedding)"
                     if entry == "lm_head" and cfg.tie_embeddings else "")
             raise ValueError(f"modules_to_save entry {entry!r} matches no module of this {cfg.arch} model{tied}")
+        emb = f"{'transformer.wte' if cfg.arch == 'gpt2' else 'model.embed_tokens'}.embedding"
+        if cfg.tie_embeddings and emb in hits:
+            # PEFT trains a copy of the embedding while the tied head goes on reading the original (measured
+            # with peft 0.21, with and without ensure_weight_tying); jlora's tied model reads one table.
+            raise ValueError(f"modules_to_save entry {entry!r} selects the input embedding of a model whose output "
+                             f"head is tied to it; PEFT then trains a copy that the head does not use, which jlora "
+                             f"cannot reproduce. Train it with method.kind='full', or untie the head")
         for n in hits:
             chosen[n] = leaves[n]
     new = {}
