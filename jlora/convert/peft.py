@@ -325,6 +325,33 @@ def _check_all_used(src: TensorSource, params, wpath: str):
     return params
 
 
+def check_base_copy(st, wpath: str, key: str, module: str, kernel, cfg: ModelConfig) -> None:
+    """A stored copy of a base weight (PEFT saves ``<module>.base_layer.weight`` for adapted output/embedding
+    layers) is accepted only if it is the base we load onto: jlora never takes base weights from an adapter file.
+    Any codec may call it."""
+    from jlora.convert.hf import key_table
+    from jlora.kernels import is_wrapper, materialize
+
+    transpose = {hf_key: tr for _, hf_key, tr in key_table(cfg)}.get(module + ".weight", True)
+    shape = tuple(kernel.shape)[::-1] if transpose else tuple(kernel.shape)
+    found = st.shape(key)
+    arr = st.get(key)
+    key = st.original(key)
+    if tuple(found) != shape:
+        _fail(wpath, f"tensor {key} (a saved copy of the base weight of {module}) has shape {tuple(found)}, "
+                     f"expected {shape}; the adapter was made for another base (a resized vocabulary?)")
+    if is_wrapper(kernel):
+        return  # a quantized base cannot be compared bit for bit; the shapes agree
+    want = np.asarray(jax.device_get(materialize(kernel)), np.float32)
+    want = want.T if transpose else want
+    got = np.asarray(arr, np.float32).astype(jnp.dtype(kernel.dtype)).astype(np.float32)
+    want = want.astype(jnp.dtype(kernel.dtype)).astype(np.float32)
+    if not np.allclose(got, want, rtol=1e-3, atol=1e-6):
+        _fail(wpath, f"tensor {key} is a saved copy of the base weight of {module} that differs from the base "
+                     f"passed to load_adapter (max difference {np.abs(got - want).max():.3g}); the adapter was "
+                     f"made for another or modified base, and jlora does not load base weights from adapters")
+
+
 # Public for compatibility: the LoRA config of a PEFT LORA file.
 def lora_config_from_peft(pconf: dict):
     """The `jlora.LoraConfig` equivalent to a PEFT LoRA ``adapter_config.json`` (as a dict); see

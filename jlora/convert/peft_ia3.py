@@ -34,7 +34,7 @@ import numpy as np
 
 from jlora import tree as T
 from jlora.config import ModelConfig
-from jlora.convert import peft_lora as PL
+from jlora.convert.peft import check_base_copy
 from jlora.peft import base as B
 from jlora.peft.ia3 import IA3, IA3Config, adapters
 
@@ -253,7 +253,7 @@ class IA3Codec:
         for key in sorted(src.keys()):
             base_copy = _BASE_RE.match(key)
             if base_copy is not None and base_copy.group("module") in modules:
-                PL._check_base_copy(src, where, key, base_copy.group("module"), modules[base_copy.group("module")],
+                check_base_copy(src, where, key, base_copy.group("module"), modules[base_copy.group("module")],
                                     cfg)
                 continue
             m = _KEY_RE.match(key)

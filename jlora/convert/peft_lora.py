@@ -36,6 +36,7 @@ import numpy as np
 
 from jlora import tree as T
 from jlora.config import ModelConfig
+from jlora.convert.peft import check_base_copy
 from jlora.peft import base as B
 from jlora.peft.lora import LoRA, LoraConfig, adapters
 
@@ -419,7 +420,7 @@ def read_factors(cfg: ModelConfig, base_params, pconf: dict, mcfg: LoraConfig, s
         factors[module][factor] = key
 
     for module, key in base_copies.items():
-        _check_base_copy(src, where, key, module, modules[module], cfg)
+        check_base_copy(src, where, key, module, modules[module], cfg)
     if pconf.get("target_modules") is None:
         selected = set(factors)  # no targets recorded: the tensors say which modules are adapted
     else:
@@ -466,32 +467,6 @@ def _to_jax(x: np.ndarray, dtype) -> jax.Array:
     if dtype is None or x.dtype == jnp.dtype(dtype):
         return jnp.asarray(x)
     return jnp.asarray(x.astype(np.float32), dtype=dtype)
-
-
-def _check_base_copy(st, wpath: str, key: str, module: str, kernel, cfg: ModelConfig) -> None:
-    """A stored copy of a base weight is accepted only if it is the base we load onto (jlora never takes base
-    weights from an adapter file)."""
-    from jlora.convert.hf import key_table
-    from jlora.kernels import is_wrapper, materialize
-
-    transpose = {hf_key: tr for _, hf_key, tr in key_table(cfg)}.get(module + ".weight", True)
-    shape = tuple(kernel.shape)[::-1] if transpose else tuple(kernel.shape)
-    found = st.shape(key)
-    arr = st.get(key)
-    key = st.original(key)
-    if tuple(found) != shape:
-        _fail(wpath, f"tensor {key} (a saved copy of the base weight of {module}) has shape {tuple(found)}, "
-                     f"expected {shape}; the adapter was made for another base (a resized vocabulary?)")
-    if is_wrapper(kernel):
-        return  # a quantized base cannot be compared bit for bit; the shapes agree
-    want = np.asarray(jax.device_get(materialize(kernel)), np.float32)
-    want = want.T if transpose else want
-    got = np.asarray(arr, np.float32).astype(jnp.dtype(kernel.dtype)).astype(np.float32)
-    want = want.astype(jnp.dtype(kernel.dtype)).astype(np.float32)
-    if not np.allclose(got, want, rtol=1e-3, atol=1e-6):
-        _fail(wpath, f"tensor {key} is a saved copy of the base weight of {module} that differs from the base "
-                     f"passed to load_adapter (max difference {np.abs(got - want).max():.3g}); the adapter was "
-                     f"made for another or modified base, and jlora does not load base weights from adapters")
 
 
 def _restore_slices(meta, b: np.ndarray, d_out: int):

@@ -184,7 +184,6 @@ def init(key: jax.Array, cfg: ModelConfig, params, lcfg: LoraConfig):
     names = lcfg.select(params, cfg.arch)
     if not names:
         raise B.no_match_error(lcfg, params, cfg.arch)
-    dt = jnp.dtype(lcfg.dtype)
     new = {}
     for i, name in enumerate(names):
         kernel = T.get_module(params, name)["kernel"]
@@ -194,9 +193,9 @@ def init(key: jax.Array, cfg: ModelConfig, params, lcfg: LoraConfig):
         if r > min(d_in, d_out):
             raise ValueError(f"{type(lcfg).__name__}: rank {r} for {name} exceeds its dimensions ({d_in} x {d_out})")
         a, b = L.init_factors(jax.random.fold_in(key, i), lcfg.init, d_in, d_out, r)
-        a, b = a.astype(dt), b.astype(dt)
-        new[name] = DoRA(base=kernel, a=a, b=b, m=magnitude(kernel, a, b, scale, dt), scale=scale,
-                         dropout=float(lcfg.dropout))
+        a, b = a.astype(lcfg.dtype), b.astype(lcfg.dtype)
+        m = magnitude(kernel, a, b, scale, lcfg.dtype)
+        new[name] = DoRA(base=kernel, a=a, b=b, m=m, scale=scale, dropout=float(lcfg.dropout))
     return B.finish_init(cfg, T.replace_modules(params, new), lcfg)
 
 
