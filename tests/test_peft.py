@@ -169,6 +169,56 @@ def test_regex_targets_and_exclude_modules(models, tmp_path):
         np.testing.assert_allclose(_logits(cfg, lp), hf_logits(pm, TOKENS), atol=1e-4, rtol=0)
 
 
+# PEFT's targeting vocabulary through files, both ways: (PEFT kwargs, jlora LoraConfig kwargs), same meaning.
+VOCAB = {
+    "exclude-regex": ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"],
+                                    exclude_modules=r".*\.0\.self_attn\.q_proj")),
+    "layers-pattern": ("llama", dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[1],
+                                     layers_pattern="layers")),
+    "all-linear": ("gpt2", dict(target_modules="all-linear")),
+    "all-linear-llama": ("llama", dict(target_modules="all-linear", exclude_modules=["o_proj"])),
+    "modules-to-save": ("llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head", "norm"])),
+    "modules-to-save-gpt2": ("gpt2", dict(target_modules=["c_attn"], modules_to_save=["ln_f", "wpe"])),
+}
+
+
+@pytest.mark.parametrize("name", list(VOCAB))
+def test_targeting_vocabulary_round_trips_through_peft_files(models, name, tmp_path, caplog):
+    kind, kw = VOCAB[name]
+    hf, cfg, base = models[kind]
+    # PEFT -> jlora: the same modules adapted, the same logits (saved modules perturbed so they matter)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **kw))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.05 * torch.randn_like(p))
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    lp = load_adapter(cfg, base, tmp_path / "peft")
+    want = {n for n, _ in pm.named_modules() if n.endswith(".lora_A")}
+    assert {f"base_model.model.{n}.lora_A" for n in jlora.lora.adapters(lp)} == want
+    np.testing.assert_allclose(_logits(cfg, lp), hf_logits(pm, TOKENS), atol=1e-4, rtol=0)
+    # jlora -> PEFT, with the config's own spelling and with a derived one
+    lcfg = jlora.LoraConfig(r=2, alpha=4, init=False, **kw)
+    assert set(jlora.lora.adapters(jlora.lora.init(jax.random.key(0), cfg, base, lcfg))) == set(
+        jlora.lora.adapters(lp))  # the same selection from the config alone
+    trained = jax.tree_util.tree_map(lambda x: x, lp)  # the loaded tree: saved modules hold perturbed values
+    for sub, mc in (("spelled", lcfg), ("derived", None)):
+        save_adapter(cfg, trained, tmp_path / sub, mc)
+        with open(tmp_path / sub / "adapter_config.json") as f:
+            saved = json.load(f)
+        if mc is not None:
+            for key in ("target_modules", "layers_pattern", "modules_to_save"):
+                if key in kw:
+                    got = saved[key]
+                    assert (sorted(got) if isinstance(got, list) else got) == (
+                        sorted(kw[key]) if isinstance(kw[key], list) else kw[key]), key
+        pm2 = _peft_load_clean(hf, tmp_path / sub, caplog, reload=False)
+        np.testing.assert_allclose(hf_logits(pm2, TOKENS), _logits(cfg, trained), atol=1e-4, rtol=0)
+        assert _tree_equal(load_adapter(cfg, base, tmp_path / sub), trained)
+
+
 def test_pissa_tree_exports_with_its_init(models, tmp_path, caplog):
     """A PiSSA tree's base is the residual; with lcfg the config says init_lora_weights='pissa', and PEFT rebuilds
     the same residual from the original base. jlora's own loader refuses it (it never rewrites a base)."""

@@ -309,8 +309,10 @@ def load_adapter(cfg: ModelConfig, base_params, adapter_dir, *, dtype=jnp.float3
     if getattr(mcfg, "modules_to_save", None):
         from jlora.convert.hf import key_table
 
+        from jlora.peft.saved import wraps
+
         saved_keys = {hf for path, hf, _ in key_table(cfg)
-                      if any(B.in_modules_to_save(".".join(path[:-1]), (m,)) for m in mcfg.modules_to_save)}
+                      if any(wraps(".".join(path), m) for m in mcfg.modules_to_save)}
     params = codec.tensors_from_peft(cfg, base_params, pconf, mcfg, src.without(saved_keys), wpath, dtype=dtype)
     params = _restore_saved(cfg, params, mcfg, src, wpath, dtype)
     return _check_all_used(src, params, wpath)

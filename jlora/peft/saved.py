@@ -67,9 +67,20 @@ def module_names(params) -> list:
     return sorted(out, key=T.natural_key)
 
 
+def wraps(leaf_name: str, entry: str) -> bool:
+    # PEFT (peft.utils.other._set_trainable) wraps every module whose full name ends with the entry, as a plain
+    # string suffix ("norm" also catches "input_layernorm"), with all the parameters below it.
+    parts = leaf_name.split(".")[:-1]
+    return any(".".join(parts[:k]).endswith(entry) for k in range(1, len(parts) + 1))
+
+
 def mark(cfg, params, modules_to_save: Sequence[str]):
-    """``params`` with every leaf of the modules that ``modules_to_save`` names (PEFT's rule: a whole dotted
-    segment of the module name) wrapped for full training.
+    """``params`` with every leaf of the modules that ``modules_to_save`` names wrapped for full training.
+
+    The rule is PEFT's for the modules it wraps and saves: a module whose full dotted name ends with an entry (a
+    plain string suffix, so ``"norm"`` also catches ``input_layernorm``), with every parameter below it. (PEFT's
+    rule for keeping such modules out of the method's targets is the stricter whole-segment one,
+    `jlora.peft.base.in_modules_to_save`.)
 
     Raises:
       ValueError naming the entry that selects no module (with a hint for a head tied to the embedding), or a
@@ -78,7 +89,7 @@ def mark(cfg, params, modules_to_save: Sequence[str]):
     leaves = T.named_leaves(params)
     chosen = {}
     for entry in modules_to_save:
-        hits = [n for n in leaves if B.in_modules_to_save(n.rsplit(".", 1)[0], (entry,))]
+        hits = [n for n in leaves if wraps(n, entry)]
         if not hits:
             tied = (" (this model ties its output head to the input embedding)"
                     if entry == "lm_head" and cfg.tie_embeddings else "")
