@@ -151,3 +151,36 @@ def test_config_errors_name_the_key(model_dir, tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--run-dir", str(tmp_path / "r"),
                  "--model", str(model_dir), "--no-progress"]) == 1
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("dora", ['method.r=2', 'method.alpha=4', 'method.target_modules=["q_proj", "down_proj"]']),
+    ("ia3", ['method.target_modules=["k_proj", "v_proj", "down_proj"]', 'method.feedforward_modules=["down_proj"]']),
+])
+def test_train_other_methods_then_merge_and_export(model_dir, tmp_path, capsys, kind, options):
+    """Every registered method trains from the command line, writes a PEFT adapter of its own kind, and merges
+    and exports through the same verbs."""
+    sets = ["--set", "data.eval_fraction=0.25", "--set", "data.seq_len=16", "--set", "data.batch_size=4",
+            "--set", "optim.learning_rate=1e-2"]
+    for o in options:
+        sets += ["--set", o]
+    run_dir = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(model_dir / "train.jsonl"), "--run-dir",
+                 str(run_dir), "--method", kind, "--steps", "2", "--no-progress", *sets]) == 0
+    with open(run_dir / "adapter" / "adapter_config.json") as f:
+        pconf = json.load(f)
+    assert pconf["peft_type"] == ("IA3" if kind == "ia3" else "LORA") and pconf.get("use_dora", False) == (
+        kind == "dora")
+    cfg, base = jlora.load_pretrained(model_dir)
+    params = jlora.load_adapter(cfg, base, run_dir / "adapter")
+    assert jlora.methods.methods_in(params) == [jlora.methods.get(kind)]
+    capsys.readouterr()
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(run_dir / "adapter"), "--out",
+                 str(tmp_path / "merged")]) == 0
+    _, merged = jlora.load_pretrained(tmp_path / "merged")
+    toks = np.asarray([[1, 5, 9, 14, 3]], np.int32)
+    np.testing.assert_allclose(jlora.apply(cfg, merged, toks), jlora.apply(cfg, params, toks), atol=1e-4)
+    assert main(["export", "--model", str(model_dir), "--adapter", str(run_dir / "adapter"), "--format", "peft",
+                 "--out", str(tmp_path / "exported")]) == 0
+    again = jlora.load_adapter(cfg, base, tmp_path / "exported")
+    np.testing.assert_allclose(jlora.apply(cfg, again, toks), jlora.apply(cfg, params, toks), atol=0)
