@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 import jlora  # noqa: E402
 from conftest import hf_logits, make_hf_model  # noqa: E402
-from jlora import loop, parallel, train  # noqa: E402
+from jlora import loop, parallel  # noqa: E402
 from jlora import tree as T  # noqa: E402
 from jlora.convert.peft_dora import DORA_CODEC  # noqa: E402
 from jlora.convert.peft_lora import LORA_CODEC  # noqa: E402
@@ -159,7 +159,7 @@ def test_both_directions_match_peft(models, peft_adapters, kind, name, tmp_path,
     np.testing.assert_allclose(hf_logits(pm2, TOKENS), out, atol=1e-4, rtol=0)
     assert _tree_equal(jlora.load_adapter(cfg, base, tmp_path / "jlora"), jp)  # bitwise round trip
 
-    if (kind, name) == ("llama", "b"):  # with the config, its own spelling (patterns as written) is kept and still matches PEFT
+    if (kind, name) == ("llama", "b"):  # with the config its spelling (patterns as written) is kept, PEFT agrees
         jlora.save_adapter(cfg, jp, tmp_path / "jlora-cfg", dcfg)
         with open(tmp_path / "jlora-cfg" / "adapter_config.json") as f:
             saved = json.load(f)
