@@ -475,3 +475,15 @@ def test_bad_dora_files_are_named(models, peft_adapters, tmp_path):
     bad = _edit(src, tmp_path / "bias", config=lambda c: c.update(lora_bias=True))
     with pytest.raises(ValueError, match=r"lora_bias=True is not supported"):
         jlora.load_adapter(cfg, base, bad)
+
+
+def test_lora_config_with_use_dora_saves_as_dora(models, tmp_path):
+    _, cfg, base = models["llama"]
+    lcfg = jlora.LoraConfig(r=2, alpha=4, use_dora=True)
+    dp = jlora.lora.init(jax.random.key(1), cfg, base, lcfg)  # lora.init hands use_dora to dora.init
+    assert all(isinstance(k, DoRA) for k in dora.adapters(dp).values()) and not jlora.lora.adapters(dp)
+    jlora.save_adapter(cfg, dp, tmp_path / "a", lcfg)  # the LoraConfig is taken as the DoraConfig it equals
+    with open(tmp_path / "a" / "adapter_config.json") as f:
+        assert json.load(f)["use_dora"] is True
+    with pytest.raises(ValueError, match="mcfg is a LoraConfig but params holds a dora adapter"):
+        jlora.save_adapter(cfg, dp, tmp_path / "b", jlora.LoraConfig(r=2, alpha=4))

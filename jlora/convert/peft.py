@@ -18,6 +18,7 @@ and ``tensors_from_peft(cfg, base, pconf, mcfg, src, where)``. The generic part
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -165,7 +166,11 @@ def save_adapter(cfg: ModelConfig, params, out_dir, mcfg=None, *, base_model_nam
     method = _adapter_method(params, "save_adapter")
     codec = method.load_codec()
     if mcfg is not None and not isinstance(mcfg, method.config):
-        _fail("save_adapter", f"mcfg is a {type(mcfg).__name__} but params holds a {method.kind} adapter")
+        # e.g. a LoraConfig(use_dora=True), which made a DoRA tree: the method's own config with the same fields
+        try:
+            mcfg = method.config(**{f.name: getattr(mcfg, f.name) for f in dataclasses.fields(mcfg) if f.init})
+        except (TypeError, ValueError):
+            _fail("save_adapter", f"mcfg is a {type(mcfg).__name__} but params holds a {method.kind} adapter")
     pconf = codec.config_to_peft(cfg, params, mcfg)
     # Names that are only a model type (jlora's fallback when config.json has no _name_or_path) are no hub id.
     if base_model_name_or_path is None and cfg.name not in ("custom", "", "llama", "mistral", "qwen2"):
