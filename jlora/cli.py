@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, help="shortcut for --set run.dir=...")
     t.add_argument("--steps", type=int, default=None, help="shortcut for --set run.steps=...")
     t.add_argument("--method", default=None, metavar="KIND",
-                   help="shortcut for --set method.kind=KIND: lora | dora | ia3 | full (method options go in [method])")
+                   help="shortcut for --set method.kind=KIND: dora | ia3 | lora | full (method options go in [method])")
     t.add_argument("--mesh", default=None, metavar="SPEC",
                    help="device mesh, e.g. data=4,fsdp=2 or fsdp=-1 (axes data, fsdp, tensor; shortcut for "
                         "--set run.mesh=...); a run may resume on another mesh")

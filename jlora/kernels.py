@@ -134,6 +134,10 @@ class LeafWrapper(Node):
     def materialize(self) -> jax.Array:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def merged(self) -> jax.Array:
+        """The plain leaf `jlora.merge` puts in its place (default: `materialize`)."""
+        return self.materialize()
+
     def strip(self):  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -183,9 +187,7 @@ def is_node(x) -> bool:
     return isinstance(x, Node)
 
 
-def is_wrapper(x) -> bool:
-    """True for a kernel wrapper or leaf wrapper node (stops `jax.tree_util` traversal at nodes via ``is_leaf``)."""
-    return isinstance(x, Node)
+is_wrapper = is_node  # the name before hooks existed: any PEFT node
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def merge(params):
             return {k: walk(v) for k, v in node.items()}
         if isinstance(node, (list, tuple)):
             return type(node)(walk(v) for v in node)
-        return materialize(node)
+        return node.merged() if isinstance(node, LeafWrapper) else materialize(node)
 
     return walk(params)
 

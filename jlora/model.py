@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import ModelConfig
-from jlora.kernels import HOOKS, Hook, KernelWrapper, is_wrapper, linear, materialize, matmul
+from jlora.kernels import (HOOK_SITES_BODY, HOOK_SITES_LAYER, HOOKS, Hook, KernelWrapper, is_wrapper, linear,
+                           materialize, matmul)
 
 Params = dict
 Cache = dict
@@ -438,9 +439,23 @@ def check_params(cfg: ModelConfig, params: Params, source: str = "params") -> No
     got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_wrapper)[0])
     fmt = lambda p: ".".join(str(getattr(k, "key", k)) for k in p)  # noqa: E731
     # Hook nodes of PEFT methods sit at the generic hook sites (<layer>.hooks.<site>, <body>.hooks.<site>).
-    bad_hooks = [fmt(p) for p, v in got.items() if HOOKS in fmt(p).split(".") and not isinstance(v, Hook)]
-    if bad_hooks:
-        raise ValueError(f"{source}: {bad_hooks[0]} sits under a '{HOOKS}' site but is not a jlora.kernels.Hook")
+    root = "transformer" if cfg.arch == "gpt2" else "model"
+    stack = "h" if cfg.arch == "gpt2" else "layers"
+    for p, v in got.items():
+        parts = fmt(p).split(".")
+        if HOOKS not in parts:
+            continue
+        where = fmt(p)
+        if not isinstance(v, Hook):
+            raise ValueError(f"{source}: {where} sits under a '{HOOKS}' site but is not a jlora.kernels.Hook")
+        i = parts.index(HOOKS)
+        head, site = parts[:i], ".".join(parts[i + 1:])
+        layer_site = len(head) == 3 and head[:2] == [root, stack] and head[2].isdigit()
+        sites = HOOK_SITES_LAYER if layer_site else HOOK_SITES_BODY if head == [root] else ()
+        if site not in sites:
+            raise ValueError(f"{source}: hook {where} is at no hook site the model reads (layer sites "
+                             f"{root}.{stack}.<i>.{HOOKS}.{{{','.join(HOOK_SITES_LAYER)}}}, body sites "
+                             f"{root}.{HOOKS}.{{{','.join(HOOK_SITES_BODY)}}})")
     got = {p: v for p, v in got.items() if HOOKS not in fmt(p).split(".")}
     exp_names = {fmt(p): s for p, s in expected.items()}
     got_names = {fmt(p): np.shape(v) if not is_wrapper(v) else tuple(v.shape) for p, v in got.items()}

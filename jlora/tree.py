@@ -9,13 +9,13 @@ and can be handed to `optax.multi_transform`.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.kernels import FROZEN, FULL, KernelWrapper, is_node, is_wrapper
+from jlora.kernels import FROZEN, FULL, is_node, is_wrapper
 
 
 def path_parts(path) -> Tuple[str, ...]:
@@ -50,18 +50,37 @@ def linear_modules(params) -> Dict[str, object]:
     return {name[: -len(".kernel")]: v for name, v in named_leaves(params).items() if name.endswith(".kernel")}
 
 
-def match_module(name: str, targets: Union[str, Sequence[str]]) -> bool:
-    """PEFT's ``target_modules`` rule: a regex string must match the whole dotted name; a list entry matches
-    the name exactly or as a dotted suffix (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``)."""
+def layer_index(name: str, layers_pattern=None) -> Optional[int]:
+    """The layer number PEFT reads from a module name: the first numbered segment (``...layers.3...``,
+    ``...h.3...``), or the number after one of ``layers_pattern``; None when there is none."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        m = None
+        for pat in ([layers_pattern] if isinstance(layers_pattern, str) else layers_pattern):
+            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
+            if m is not None:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def match_module(name: str, targets: Union[str, Sequence[str]], layers=None, layers_pattern=None) -> bool:
+    """PEFT's ``target_modules`` rule (``check_target_module_exists``, without exclusions): a regex string must
+    match the whole dotted name; a list entry matches the name exactly, or as a dotted suffix (``"q_proj"``
+    matches ``model.layers.0.self_attn.q_proj``), and only the suffix form is limited to ``layers`` (read with
+    `layer_index`). `jlora.peft.base.TargetRules.selects` adds exclusions, ``"all-linear"`` and defaults."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def layer_index(name: str) -> Optional[int]:
-    """The layer number in a module name (``...layers.3...`` or ``...h.3...``), or None."""
-    m = re.search(r"\.(?:layers|h)\.(\d+)\.", name + ".")
-    return int(m.group(1)) if m else None
+    if name in targets:
+        return True
+    if not any(name.endswith("." + t) for t in targets):
+        return False
+    if layers is None or (isinstance(layers, (tuple, list)) and not layers):
+        return True
+    idx = layer_index(name, layers_pattern)
+    if idx is None:
+        return False
+    return idx == layers if isinstance(layers, int) else idx in layers
 
 
 def pattern_value(name: str, patterns: Dict[str, object], default):
@@ -79,15 +98,8 @@ def select(params, targets: Union[str, Sequence[str]], layers: Optional[Iterable
       >>> select(params, ["q_proj", "v_proj"])[:2]
       ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']
     """
-    layer_set = None if layers is None else set(int(i) for i in layers)
-    out = []
-    for name in sorted(linear_modules(params), key=natural_key):
-        if not match_module(name, targets):
-            continue
-        if layer_set is not None and layer_index(name) not in layer_set:
-            continue
-        out.append(name)
-    return out
+    layers = None if layers is None else tuple(int(i) for i in layers)
+    return [n for n in sorted(linear_modules(params), key=natural_key) if match_module(n, targets, layers)]
 
 
 def natural_key(name: str):

@@ -357,3 +357,24 @@ def test_save_refuses_mismatched_lcfg_and_plain_trees(models, tmp_path):
     with pytest.raises(ValueError, match="lcfg does not describe"):
         save_adapter(cfg, jp, tmp_path / "x", jlora.LoraConfig(r=4, alpha=16))
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_ambiguous_files_and_inconsistent_configs_are_refused(models, gpt2_adapter, tmp_path):
+    hf, cfg, base = models["gpt2"]
+    # the same parameter twice under two spellings (with and without PEFT's prefix): never silently one of them
+    bad = _copy(gpt2_adapter, tmp_path / "twice", edit_tensors=lambda t: t.update(
+        {"transformer.h.0.attn.c_attn.lora_A.weight": t["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]}))
+    with pytest.raises(ValueError, match="are the same parameter .*ambiguous"):
+        load_adapter(cfg, base, bad)
+    # modules_to_save in mcfg must describe the tree's saved modules
+    lcfg = jlora.LoraConfig(r=2, alpha=4, target_modules=["c_attn"])
+    jp = jlora.lora.init(jax.random.key(0), cfg, base, lcfg)
+    with pytest.raises(ValueError, match=r"modules_to_save \['ln_f'\] does not describe .* named but not saved"):
+        save_adapter(cfg, jp, tmp_path / "x", lcfg.replace(modules_to_save=("ln_f",)))
+    with pytest.raises(ValueError, match="use_dora=True but params holds plain LoRA"):
+        save_adapter(cfg, jp, tmp_path / "x", jlora.DoraConfig(r=2, alpha=4, target_modules=["c_attn"]))
+    assert not os.path.exists(tmp_path / "x")
+    # a run config's method error names the file and the section
+    from jlora import run
+    with pytest.raises(ValueError, match=r"config: \[method\] kind 'lora': LoraConfig.r must be a positive"):
+        run.load_config(None, ["run.dir=x", "data.train=y", "method.r=0"])

@@ -217,6 +217,10 @@ def test_hooks_train_strip_and_refuse_to_merge(model):
     assert float(g) != 1.0  # trained through the hook
     with pytest.raises(ValueError, match="sits under a 'hooks' site but is not a jlora.kernels.Hook"):
         check_params(cfg, _with_hooks(cfg, params, {0: {"attn_out": jnp.ones(())}}))
+    with pytest.raises(ValueError, match=r"hook .*hooks.attn_output is at no hook site the model reads"):
+        check_params(cfg, _with_hooks(cfg, params, {0: {"attn_output": Residual(gain=jnp.ones(()))}}))
+    with pytest.raises(ValueError, match=r"hook .*hooks.input_prefix is at no hook site"):  # a body site in a layer
+        check_params(cfg, _with_hooks(cfg, params, {0: {"input_prefix": Residual(gain=jnp.ones(()))}}))
 
 
 def test_weight_decay_follows_roles(model):
@@ -264,6 +268,13 @@ def test_modules_to_save_trains_whole_modules_and_strips_to_them(model):
     for name, leaf in jlora.tree.named_leaves(stripped).items():
         if name in saved:  # the trained copy stays (as PEFT's unload/merge_and_unload keep it)
             assert np.abs(np.asarray(leaf) - np.asarray(jlora.tree.named_leaves(params)[name])).max() > 0
+    # A bf16 base: the saved modules still train in float32, and merge/strip give back the base's dtypes.
+    bf = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    bp = jlora.lora.init(jax.random.key(1), cfg, bf, lcfg)
+    assert all(jax.tree_util.tree_leaves(v)[0].dtype == jnp.float32 for n, v in jlora.tree.named_leaves(bp).items()
+               if n in saved)
+    for got in (jlora.merge(bp), B.strip(bp)):
+        assert {x.dtype for x in jax.tree_util.tree_leaves(got)} == {jnp.dtype(jnp.bfloat16)}
     with pytest.raises(ValueError, match="modules_to_save entry 'nope' matches no module"):
         jlora.lora.init(jax.random.key(1), cfg, params, jlora.LoraConfig(modules_to_save=["nope"]))
     if cfg.tie_embeddings:
@@ -290,3 +301,15 @@ def test_param_report_counts_logical_parameters(model):
     assert jlora.tree.get_module(B.strip(lp), name)["kernel"] is packed  # a quantized base is the base
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         jlora.lora.init(jax.random.key(0), cfg, lp, jlora.LoraConfig(r=2, target_modules=[name]))
+
+
+def test_help_texts_list_every_registered_method():
+    """`jlora train --help` and jlora/run.py's docstring name the kinds without importing JAX at parser build
+    time; this keeps them equal to the registry."""
+    from jlora import cli, run
+
+    spelled = " | ".join(B.kinds())
+    assert spelled in run.__doc__
+    train = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                 if "--method" in a.option_strings)
+    assert spelled in train.help

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Dict, Optional
@@ -40,15 +41,22 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
+# Tensors PEFT stores for a copy of an adapted layer's base weight (see `check_base_copy`).
+BASE_COPY_RE = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
+
+
 def _fail(where: str, msg: str):
     raise ValueError(f"{where}: {msg}")
+
+
+fail = _fail  # for the codecs: "<where>: <message>" as a ValueError
 
 
 def _supported() -> str:
     out = []
     for m in B.methods():
         if m.codec is not None:
-            out.append(f"{m.peft_type}{' with use_dora' if m.kind == 'dora' else ''} ({m.kind})")
+            out.append(f"{m.peft_label or m.peft_type} ({m.kind})")
     return ", ".join(out)
 
 
@@ -87,7 +95,7 @@ def _saved_tensors(cfg: ModelConfig, params, dtype) -> Dict[str, np.ndarray]:
     out = {}
     for name, node in saved_modules(params).items():
         hf_key, transpose = table[name]
-        arr = _to_numpy(node.materialize(), dtype)
+        arr = _to_numpy(node.value if hasattr(node, "value") else node.base, dtype)  # the trained float32 copy
         out[hf_key] = np.ascontiguousarray(arr.T if transpose else arr)
     return out
 
@@ -95,7 +103,7 @@ def _saved_tensors(cfg: ModelConfig, params, dtype) -> Dict[str, np.ndarray]:
 def _restore_saved(cfg: ModelConfig, params, mcfg, src, where: str, dtype):
     """Marks ``mcfg.modules_to_save`` in ``params`` and loads their stored weights from ``src``."""
     from jlora.convert.hf import key_table
-    from jlora.peft.saved import Saved, SavedKernel, mark, replace_leaves, saved_modules
+    from jlora.peft.saved import mark, replace_leaves, saved_modules, wrap
 
     names = getattr(mcfg, "modules_to_save", None)
     if not names:
@@ -114,8 +122,8 @@ def _restore_saved(cfg: ModelConfig, params, mcfg, src, where: str, dtype):
                          f"(modules_to_save {name})")
         arr = np.asarray(src.get(hf_key))
         arr = arr.T if transpose else arr
-        value = jnp.asarray(arr.astype(np.float32), dtype=dtype or node.dtype)
-        new[name] = SavedKernel(base=value) if isinstance(node, SavedKernel) else Saved(value=value)
+        value = jnp.asarray(arr.astype(np.float32), dtype=dtype or jnp.float32)  # trainable: float32
+        new[name] = wrap(name, value, node.base_dtype)
     return replace_leaves(params, new)
 
 
@@ -123,11 +131,22 @@ def _restore_saved(cfg: ModelConfig, params, mcfg, src, where: str, dtype):
 # Saving
 
 
-def _to_numpy(x, dtype) -> np.ndarray:
+def to_numpy(x, dtype) -> np.ndarray:
+    """A host copy of ``x`` in ``dtype`` (None: as it is), for writing files."""
     arr = np.asarray(jax.device_get(x))
     if dtype is not None and arr.dtype != jnp.dtype(dtype):
         arr = arr.astype(np.float32).astype(jnp.dtype(dtype))
     return arr
+
+
+def to_jax(x: np.ndarray, dtype) -> jax.Array:
+    """A device array of a file tensor in ``dtype`` (None: the file's)."""
+    if dtype is None or x.dtype == jnp.dtype(dtype):
+        return jnp.asarray(x)
+    return jnp.asarray(x.astype(np.float32), dtype=dtype)
+
+
+_to_numpy = to_numpy
 
 
 def _adapter_method(params, where: str) -> B.Method:
@@ -178,9 +197,18 @@ def save_adapter(cfg: ModelConfig, params, out_dir, mcfg=None, *, base_model_nam
     saved = _saved_tensors(cfg, params, dtype)
     from jlora.peft.saved import saved_modules
 
+    have = set(saved_modules(params))
     mts = mcfg.modules_to_save if mcfg is not None else None
     if mts is None and saved:
-        mts = sorted({n.rsplit(".", 1)[0] for n in saved_modules(params)}, key=T.natural_key)
+        mts = sorted({n.rsplit(".", 1)[0] for n in have}, key=T.natural_key)
+    elif mts:
+        from jlora.peft.saved import wraps
+
+        named = {n for n in T.named_leaves(params) if any(wraps(n, m) for m in mts)}
+        if named != have:
+            odd = sorted(named ^ have, key=T.natural_key)[0]
+            _fail("save_adapter", f"mcfg.modules_to_save {list(mts)} does not describe the saved modules in params "
+                                  f"({odd} is {'named but not saved' if odd in named else 'saved but not named'})")
     pconf.update({"base_model_name_or_path": base_model_name_or_path, "modules_to_save": list(mts) if mts else None})
     out = codec.tensors_to_peft(cfg, params, dtype)
     tensors, metadata = out if isinstance(out, tuple) else (out, None)
@@ -236,6 +264,9 @@ class TensorSource:
             if not any(head == m or head.startswith(m + ".") for m in modules) and \
                     any((arch_prefix + head) == m or (arch_prefix + head).startswith(m + ".") for m in modules):
                 name = arch_prefix + name  # an adapter made on the bare base model (GPT2Model, LlamaModel)
+            if name in self._names:
+                raise ValueError(f"{path}: tensors {self._names[name]} and {key} are the same parameter "
+                                 f"({name}); the file is ambiguous")
             self._names[name] = key
         self.used = set()
 

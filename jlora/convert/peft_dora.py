@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jlora.convert.peft import fail as _fail
 from jlora import tree as T
 from jlora.config import ModelConfig
 from jlora.convert import peft_lora as PL
@@ -30,10 +31,6 @@ from jlora.peft import dora as D
 from jlora.peft import lora as L
 
 MAGNITUDE = "lora_magnitude_vector"
-
-
-def _fail(where: str, msg: str):
-    raise ValueError(f"{where}: {msg}")
 
 
 class DoraCodec:

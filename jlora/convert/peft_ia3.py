@@ -27,14 +27,16 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from jlora import tree as T
 from jlora.config import ModelConfig
-from jlora.convert.peft import check_base_copy
+from jlora.convert.peft import BASE_COPY_RE, check_base_copy
+from jlora.convert.peft import fail as _fail
+from jlora.convert.peft import to_jax as _to_jax
+from jlora.convert.peft import to_numpy as _to_numpy
 from jlora.peft import base as B
 from jlora.peft.ia3 import IA3, IA3Config, adapters
 
@@ -43,7 +45,6 @@ SUFFIX = "ia3_l"
 _KEY_RE = re.compile(rf"^(?P<module>.+)\.{SUFFIX}$")
 # PEFT also stores a copy of the base weight of an adapted output/embedding layer (save_embedding_layers, e.g. when
 # lm_head is a target), in case the vocabulary was resized: accepted only if it is the base jlora loads onto.
-_BASE_RE = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
 
 # The fields of PEFT's IA3Config (0.21) and of the PeftConfig base that carry no meaning for the computation, plus
 # what the generic part writes. Anything else with a value is refused.
@@ -52,10 +53,6 @@ _BOOKKEEPING = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_
 _HONOURED = ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save", "init_ia3_weights",
              "fan_in_fan_out")
 _NOT_IN_PEFT_IA3 = ("layers_to_transform", "layers_pattern")
-
-
-def _fail(where: str, msg: str):
-    raise ValueError(f"{where}: {msg}")
 
 
 def _names(x, option: str, where: str):
@@ -74,19 +71,6 @@ def _targeted_suffix_regex(targets, entries) -> str:
     ``targets``: a name that ``targets`` names (exactly or as a dotted suffix) and that ends with an entry."""
     alt = lambda xs: "|".join(re.escape(x) for x in xs)  # noqa: E731
     return rf"(?=(?:.*\.)?(?:{alt(targets)})\Z).*(?:{alt(entries)})"
-
-
-def _to_numpy(x, dtype) -> np.ndarray:
-    arr = np.asarray(jax.device_get(x))
-    if dtype is not None and arr.dtype != jnp.dtype(dtype):
-        arr = arr.astype(np.float32).astype(jnp.dtype(dtype))
-    return arr
-
-
-def _to_jax(x: np.ndarray, dtype) -> jax.Array:
-    if dtype is None or x.dtype == jnp.dtype(dtype):
-        return jnp.asarray(x)
-    return jnp.asarray(x.astype(np.float32), dtype=dtype)
 
 
 def _ff_of(ff, name: str) -> bool:
@@ -251,7 +235,7 @@ class IA3Codec:
         modules = T.linear_modules(base_params)
         keys = {}
         for key in sorted(src.keys()):
-            base_copy = _BASE_RE.match(key)
+            base_copy = BASE_COPY_RE.match(key)
             if base_copy is not None and base_copy.group("module") in modules:
                 check_base_copy(src, where, key, base_copy.group("module"), modules[base_copy.group("module")],
                                     cfg)

@@ -29,14 +29,16 @@ import math
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from jlora import tree as T
 from jlora.config import ModelConfig
-from jlora.convert.peft import check_base_copy
+from jlora.convert.peft import BASE_COPY_RE, check_base_copy
+from jlora.convert.peft import fail as _fail
+from jlora.convert.peft import to_jax as _to_jax
+from jlora.convert.peft import to_numpy as _to_numpy
 from jlora.peft import base as B
 from jlora.peft.lora import LoRA, LoraConfig, adapters
 
@@ -45,7 +47,6 @@ _SLICES_META = "jlora.fused_qkv_slices"
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 # PEFT also stores a copy of the base weight of LoRA-wrapped output/embedding layers (save_embedding_layers,
 # e.g. when lm_head is a target), in case the vocabulary was resized.
-_BASE_RE = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
 
 # init_lora_weights values after which the adapter only fits a *modified* base (PEFT rewrites the base weight
 # at init: PiSSA/OLoRA/CorDA/LoRA-GA subtract the initial low-rank part, LoftQ quantizes). PEFT can convert
@@ -71,10 +72,6 @@ _UNSUPPORTED = {
     "kasa_config": ((None,), "KaSA"),
     "megatron_config": ((None,), "Megatron tensor-parallel layers"),
 }
-
-
-def _fail(where: str, msg: str):
-    raise ValueError(f"{where}: {msg}")
 
 
 def _check_supported(pconf: dict, where: str = CONFIG_NAME) -> None:
@@ -149,8 +146,9 @@ def lora_config_from_peft(pconf: dict, where: str = CONFIG_NAME, config_cls=Lora
               "use_dora is not set: this is a plain LoRA adapter")
     init = pconf.get("init_lora_weights", True)
     if init not in (True, False, "gaussian"):
-        _fail(where, f"init_lora_weights={init!r} has no jlora equivalent (jlora: True, False, 'gaussian', "
-                     f"'pissa')")
+        # EVA / orthogonal only choose where training starts: the trained factors are plain LoRA, and jlora
+        # continues from the file's factors with its default init recorded.
+        init = True
     try:
         return _lcfg(pconf, init, config_cls)
     except ValueError as e:
@@ -208,7 +206,7 @@ def _compact_pattern(values: Dict[str, Any], default) -> Dict[str, Any]:
 def _derive_targets(params, names: List[str]):
     """(target_modules, layers_to_transform) that select exactly ``names`` with PEFT's rules."""
     wanted, modules = set(names), T.linear_modules(params)
-    idx = [B._layer_index(n, None) for n in names]
+    idx = [T.layer_index(n) for n in names]
     layers = sorted(set(idx)) if None not in idx else None
     depth = max(len(n.split(".")) for n in names)
     for k in range(1, depth + 1):
@@ -289,13 +287,6 @@ def _config_from_lcfg(cfg: ModelConfig, params, ads: Dict[str, LoRA], lcfg: Lora
             "lora_dropout": float(lcfg.dropout), "init_lora_weights": True if init == "default" else init}
 
 
-def _to_numpy(x, dtype) -> np.ndarray:
-    arr = np.asarray(jax.device_get(x))
-    if dtype is not None and arr.dtype != jnp.dtype(dtype):
-        arr = arr.astype(np.float32).astype(jnp.dtype(dtype))
-    return arr
-
-
 def config_fields(cfg: ModelConfig, params, ads: Dict[str, Any], lcfg: Optional[LoraConfig]) -> dict:
     """The ``adapter_config.json`` fields of LoRA-family wrappers ``ads`` (LoRA or DoRA): from ``lcfg`` when given
     (keeping its spelling), else derived from the wrappers (rank from ``a``, alpha from the scale)."""
@@ -316,6 +307,9 @@ class LoraCodec:
         return lora_config_from_peft(pconf, where, self.config_cls)
 
     def config_to_peft(self, cfg: ModelConfig, params, mcfg: Optional[LoraConfig]) -> dict:
+        if mcfg is not None and mcfg.use_dora:
+            _fail("save_adapter", "mcfg has use_dora=True but params holds plain LoRA kernels (a DoRA config "
+                                  "does not describe them)")
         ads = adapters(params)
         if not ads:
             _fail("save_adapter", "params has no LoRA adapter (wrap it with jlora.lora.init or load_adapter first)")
@@ -363,13 +357,14 @@ LORA_CODEC = LoraCodec()
 def _key_problem(key: str) -> str:
     """Why a tensor name is not a plain LoRA factor (for the error message)."""
     if "lora_magnitude_vector" in key:
-        return "a DoRA magnitude vector (DoRA is not supported)"
+        return ("a DoRA magnitude vector, but use_dora is not true in adapter_config.json (or the key is not "
+                "PEFT's <module>.lora_magnitude_vector)")
     if "lora_embedding_" in key:
         return "LoRA on an embedding layer, which jlora does not support"
     if re.search(r"\.lora_[AB]\.bias$", key):
         return "a bias on a LoRA factor (lora_bias is not supported)"
     if "modules_to_save" in key:
-        return "a fully trained module (modules_to_save is not supported)"
+        return "a fully trained module that adapter_config.json's modules_to_save does not name"
     if "trainable_tokens" in key:
         return "trainable token embeddings (not supported)"
     if key.endswith(".bias"):
@@ -392,8 +387,8 @@ def read_factors(cfg: ModelConfig, base_params, pconf: dict, mcfg: LoraConfig, s
     factors: Dict[str, Dict[str, str]] = collections.defaultdict(dict)
     base_copies = {}
     extra_re = [(sfx, re.compile(rf"^(?P<module>.+)\.{re.escape(sfx)}$")) for sfx in extra]
-    for key in sorted(src.keys(), key=lambda k: _BASE_RE.match(k) is not None):  # LoRA problems first
-        m = _KEY_RE.match(key) or _BASE_RE.match(key)
+    for key in sorted(src.keys(), key=lambda k: BASE_COPY_RE.match(k) is not None):  # LoRA problems first
+        m = _KEY_RE.match(key) or BASE_COPY_RE.match(key)
         factor = m.group("factor") if m is not None and "factor" in m.groupdict() else None
         if m is None:
             for sfx, rx in extra_re:
@@ -461,12 +456,6 @@ def read_factors(cfg: ModelConfig, base_params, pconf: dict, mcfg: LoraConfig, s
     if not out:
         _fail(where, "the file holds no LoRA tensors")
     return out, scales, float(mcfg.dropout)
-
-
-def _to_jax(x: np.ndarray, dtype) -> jax.Array:
-    if dtype is None or x.dtype == jnp.dtype(dtype):
-        return jnp.asarray(x)
-    return jnp.asarray(x.astype(np.float32), dtype=dtype)
 
 
 def _restore_slices(meta, b: np.ndarray, d_out: int):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from jlora.kernels import Node, is_node
 
@@ -27,20 +27,6 @@ OUTPUT_LAYERS = ("lm_head",)  # module names (last part) of the output layer, wh
 
 # ----------------------------------------------------------------------------------------------------------
 # Targeting: PEFT's rules (peft.tuners.tuners_utils.check_target_module_exists and the "all-linear" shorthand)
-
-
-def _layer_index(name: str, layers_pattern) -> Optional[int]:
-    """The layer number PEFT reads from a module name: the first numbered segment, or the one after a
-    ``layers_pattern`` entry."""
-    if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        m = None
-        for pat in ([layers_pattern] if isinstance(layers_pattern, str) else layers_pattern):
-            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
-            if m is not None:
-                break
-    return int(m.group("idx")) if m else None
 
 
 def _as_tuple(x):
@@ -176,19 +162,9 @@ class TargetRules:
             targets = self.default_targets(arch)
         if targets == ALL_LINEAR:
             return name.split(".")[-1] not in OUTPUT_LAYERS
-        if isinstance(targets, str):
-            return re.fullmatch(targets, name) is not None
-        if name in targets:
-            return True
-        if not any(name.endswith("." + t) for t in targets):
-            return False
-        layers = self.layers_to_transform
-        if layers is None or (isinstance(layers, tuple) and not layers):
-            return True
-        idx = _layer_index(name, self.layers_pattern)
-        if idx is None:
-            return False
-        return idx == layers if isinstance(layers, int) else idx in layers
+        from jlora.tree import match_module
+
+        return match_module(name, targets, self.layers_to_transform, self.layers_pattern)
 
     def select(self, params, arch: Optional[str] = None) -> List[str]:
         """The linear modules of ``params`` this config selects, in natural order."""
@@ -254,6 +230,7 @@ class Method:
     peft_type: Optional[str] = None
     summary: str = ""
     standalone: bool = True  # a method.kind of its own (False: a component other methods use, modules_to_save)
+    peft_label: str = ""  # how PEFT names it, for messages (default: peft_type)
 
     @property
     def mergeable(self) -> bool:
@@ -273,8 +250,8 @@ class Method:
                              f"options: {', '.join(sorted(fields))})")
         try:
             return self.config(**options)
-        except TypeError as e:
-            raise ValueError(f"{where}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: [method] kind {self.kind!r}: {e}") from None
 
     def load_codec(self):
         if self.codec is None:
@@ -353,8 +330,6 @@ def strip(params):
 
     ``strip(init(p)) == p`` for every method whose init leaves the base unchanged (all but PiSSA).
     """
-    import jax
-
     from jlora.kernels import HOOKS, Hook, strip_kernel
 
     def walk(node):

@@ -215,5 +215,6 @@ def _claims(pconf: dict) -> bool:
 
 METHOD = B.register(B.Method(kind="dora", config=DoraConfig, init=init, nodes=(DoRA,),
                              codec="jlora.convert.peft_dora:DORA_CODEC", claims=_claims, peft_type="LORA",
+                             peft_label="LORA with use_dora",
                              summary="DoRA: LoRA's direction update with a learned magnitude per output column, "
                                      "x @ (m * V / ||V||), V = W + scale * A @ B"))

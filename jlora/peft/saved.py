@@ -2,8 +2,9 @@
 an adapter, and saved whole with it.
 
 `mark` wraps every array of the selected modules in a `Saved` node (a `SavedKernel` at ``kernel``): the model
-reads it like the plain array, its role is ``"full"``, and it merges and strips to the trained array (as PEFT's
-``merge_and_unload``/``unload`` keep the trained copy). Any method config's ``modules_to_save`` goes through
+reads it like the plain array, its role is ``"full"``, it trains in float32 whatever the base's storage dtype
+(the rule for every trainable leaf), and it merges and strips to the trained array cast back to the base's dtype
+(as PEFT's ``merge_and_unload``/``unload`` keep the trained copy). Any method config's ``modules_to_save`` goes through
 here (`jlora.peft.base.finish_init`).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import jax
+import jax.numpy as jnp
 from flax import struct
 
 from jlora import tree as T
@@ -24,12 +25,16 @@ class Saved(LeafWrapper):
     """A non-kernel leaf (embedding, bias, norm scale) of a ``modules_to_save`` module: trained in full."""
 
     value: Any
+    base_dtype: str = struct.field(pytree_node=False, default="float32")
 
     def materialize(self):
         return self.value
 
+    def merged(self):
+        return self.value.astype(self.base_dtype)
+
     def strip(self):
-        return self.value
+        return self.merged()
 
     def labels(self, label_base):
         return self.replace(value=FULL)
@@ -43,12 +48,16 @@ class SavedKernel(KernelWrapper):
     """The kernel of a ``modules_to_save`` module: trained in full."""
 
     base: Any
+    base_dtype: str = struct.field(pytree_node=False, default="float32")
 
     def matmul(self, x):
         return matmul(x, self.base)
 
     def materialize(self):
-        return self.base
+        return self.base.astype(self.base_dtype)
+
+    def strip(self):
+        return self.materialize()
 
     def labels(self, label_base):
         return self.replace(base=FULL)
@@ -108,8 +117,14 @@ def mark(cfg, params, modules_to_save: Sequence[str]):
         if is_node(leaf):
             raise ValueError(f"modules_to_save: {name} already carries a {type(leaf).__name__} node; a module is "
                              f"either adapted or saved whole, not both")
-        new[name] = SavedKernel(base=leaf) if name.endswith(".kernel") else Saved(value=leaf)
+        new[name] = wrap(name, jnp.asarray(leaf, jnp.float32), str(jnp.dtype(leaf.dtype)))
     return replace_leaves(params, new)
+
+
+def wrap(name: str, value, base_dtype: str):
+    """The saved node for the leaf ``name``: a `SavedKernel` at a kernel, a `Saved` elsewhere."""
+    return SavedKernel(base=value, base_dtype=base_dtype) if name.endswith(".kernel") else \
+        Saved(value=value, base_dtype=base_dtype)
 
 
 def replace_leaves(params, new: dict):
