@@ -180,7 +180,9 @@ def base_fingerprint(frozen) -> dict:
       ``{"hash": hex digest, "n_leaves", "bytes", "leaves": {name: [shape, dtype, checksum]}}``.
 
     Example:
-      >>> fp = base_fingerprint(jlora.split(params, labels)[1])["hash"]
+      >>> fp = base_fingerprint(jlora.split(lora_params, labels)[1])["hash"]
+      >>> len(fp)
+      64
     """
     paths, leaves, _ = _named(frozen)
     sums = _checksums(leaves)
@@ -266,7 +268,8 @@ def check_run_config(run_dir, config, *, ignore: Sequence[str] = ()) -> dict:
       ValueError: naming every differing key with its recorded and new value.
 
     Example:
-      >>> check_run_config("runs/a", {"model": "smollm2-135m", "lora": {"r": 8}, "lr": 2e-4})
+      >>> check_run_config("runs/b", {"model": "smollm2-135m", "lora": {"r": 8}, "lr": 2e-4})
+      {'lora': {'r': 8}, 'lr': 0.0002, 'model': 'smollm2-135m'}
     """
     cfg = _to_json(dict(config), "run config")
     root = _path(run_dir)
@@ -336,7 +339,7 @@ class Checkpointer:
       ...         state, extra = ckpt.restore(like_state=state, labels=labels)
       ...     for step in range(int(state.step) + 1, total + 1):
       ...         state, _ = train_step(state, next(batches))
-      ...         ckpt.save(step, state, labels, extra={"data_pos": step}, force=step == total)
+      ...         saved = ckpt.save(step, state, labels, extra={"data_pos": step}, force=step == total)
     """
 
     def __init__(self, run_dir, *, save_every: int = 1000, keep_last: Optional[int] = 3, keep_best: int = 0,

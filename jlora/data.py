@@ -252,7 +252,9 @@ def split_examples(examples: Sequence, eval_fraction: float, seed: int = 0) -> t
         ``(train, eval)`` lists, each in the original order.
 
     Example:
-        >>> train, held_out = split_examples(examples, 0.1, seed=0)
+        >>> train, held_out = split_examples(load_examples("chats.jsonl"), 0.1, seed=0)
+        >>> len(train), len(held_out)
+        (360, 40)
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"split_examples: eval_fraction must be in [0, 1), got {eval_fraction}")

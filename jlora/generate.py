@@ -321,10 +321,13 @@ def generate(cfg: ModelConfig, params, prompt_ids, max_new_tokens: int = 32, *, 
       (or ``[N]``) padded with ``pad_token_id``. With ``return_scores``: ``(ids, scores)``.
 
     Example:
-      >>> cfg, params = jlora.load_pretrained(hf_dir); tok = jlora.load_tokenizer(hf_dir)
-      >>> tok.decode(generate(cfg, params, tok.encode("The capital of France is"), max_new_tokens=8))
-      >>> generate(cfg, params, [[464], [40, 588]], 20, temperature=0.8, top_p=0.9, seed=0)  # a batch, sampled
-      >>> generate(cfg, params, ids, 64, num_beams=10, no_repeat_ngram_size=4, length_penalty=0.9)  # E2E NLG
+      >>> cfg = jlora.preset("tiny-llama"); params = jlora.init_params(cfg, jax.random.key(0))  # random weights
+      >>> generate(cfg, params, [5, 6, 7], max_new_tokens=4)  # greedy: the new ids
+      [73, 86, 88, 36]
+      >>> generate(cfg, params, [[5], [6, 7]], 4, temperature=0.8, top_p=0.9, seed=0)  # a batch, sampled
+      [[87, 9, 124, 53], [55, 83, 2, 113]]
+      >>> generate(cfg, params, [[5, 6, 7]], 8, num_beams=4, no_repeat_ngram_size=2, length_penalty=0.9)  # beams
+      [[73, 1, 66, 64, 60, 85, 3, 61]]
     """
     rows, single, array_in = _prompt_rows(prompt_ids, attention_mask)
     if not rows:
@@ -422,6 +425,7 @@ def chat(cfg: ModelConfig, params, tokenizer, messages, **gen_kwargs) -> str:
     Example:
       >>> cfg, params = jlora.load_pretrained(gguf_path); tok = jlora.load_tokenizer(gguf_path)
       >>> chat(cfg, params, tok, [{"role": "user", "content": "Hi!"}], max_new_tokens=40)
+      'Hello! How can I assist you today?'
     """
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, Mapping) or hasattr(ids, "keys"):  # transformers may return a BatchEncoding
