@@ -68,14 +68,6 @@ class DoRA(KernelWrapper):
     rng: Any = None
 
     @property
-    def shape(self):
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    @property
     def rank(self) -> int:
         return int(self.a.shape[-1])
 

@@ -55,14 +55,6 @@ class IA3(KernelWrapper):
     scale: jax.Array
     feedforward: bool = struct.field(pytree_node=False, default=False)
 
-    @property
-    def shape(self):
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
     def matmul(self, x):
         """``x @ W'`` for the scaled kernel (no bias): ``(x * l) @ W`` or ``(x @ W) * l``."""
         if self.feedforward:
