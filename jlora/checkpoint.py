@@ -180,9 +180,11 @@ def base_fingerprint(frozen) -> dict:
       ``{"hash": hex digest, "n_leaves", "bytes", "leaves": {name: [shape, dtype, checksum]}}``.
 
     Example:
-      >>> fp = base_fingerprint(jlora.split(lora_params, labels)[1])["hash"]
-      >>> len(fp)
-      64
+      >>> lora_params = jlora.lora.init(key, cfg, params, lcfg)
+      >>> trainable, frozen = jlora.split(lora_params, jlora.trainable_labels(lora_params))
+      >>> fp = base_fingerprint(frozen)
+      >>> fp["n_leaves"], fp["bytes"], len(fp["hash"])
+      (21, 312576, 64)
     """
     paths, leaves, _ = _named(frozen)
     sums = _checksums(leaves)
@@ -268,8 +270,11 @@ def check_run_config(run_dir, config, *, ignore: Sequence[str] = ()) -> dict:
       ValueError: naming every differing key with its recorded and new value.
 
     Example:
-      >>> check_run_config("runs/b", {"model": "smollm2-135m", "lora": {"r": 8}, "lr": 2e-4})
+      >>> check_run_config(f"{tmp}/run-b", {"model": "smollm2-135m", "lora": {"r": 8}, "lr": 2e-4})  # recorded
       {'lora': {'r': 8}, 'lr': 0.0002, 'model': 'smollm2-135m'}
+      >>> check_run_config(f"{tmp}/run-b", {"model": "smollm2-135m", "lora": {"r": 16}, "lr": 2e-4})
+      Traceback (most recent call last):
+      ValueError: run directory ... Differing keys: lora.r: recorded 8, now 16. Use a new run directory, ...
     """
     cfg = _to_json(dict(config), "run config")
     root = _path(run_dir)
@@ -334,12 +339,24 @@ class Checkpointer:
       verify: store per-leaf checksums at save and verify them at restore.
 
     Example:
-      >>> with Checkpointer("runs/a", save_every=500, keep_last=3) as ckpt:
-      ...     if ckpt.latest_step() is not None:
+      >>> from jlora.train import init_state, make_optimizer
+      >>> params = jlora.lora.init(key, cfg, params, lcfg); labels = jlora.trainable_labels(params)
+      >>> tx = make_optimizer(labels, 1e-3)
+      >>> def train_step(state, batch):  # stands in for jax.jit(jlora.train.make_train_step(cfg, tx, labels))
+      ...     return state.replace(step=state.step + 1), {}
+      >>> state, batch, total = init_state(params, tx), {"input_ids": jnp.ones((2, 9), jnp.int32)}, 3
+      >>> with Checkpointer(f"{tmp}/run-a", save_every=2, keep_last=3) as ckpt:
+      ...     if ckpt.latest_step() is not None:  # a restarted run resumes from its newest checkpoint
       ...         state, extra = ckpt.restore(like_state=state, labels=labels)
       ...     for step in range(int(state.step) + 1, total + 1):
-      ...         state, _ = train_step(state, next(batches))
+      ...         state, _ = train_step(state, batch)
       ...         saved = ckpt.save(step, state, labels, extra={"data_pos": step}, force=step == total)
+      ...     ckpt.all_steps()
+      [2, 3]
+      >>> with Checkpointer(f"{tmp}/run-a") as ckpt:  # run again: it restores step 3 and has nothing left to do
+      ...     state, extra = ckpt.restore(like_state=init_state(params, tx), labels=labels)
+      >>> int(state.step), extra
+      (3, {'data_pos': 3})
     """
 
     def __init__(self, run_dir, *, save_every: int = 1000, keep_last: Optional[int] = 3, keep_best: int = 0,

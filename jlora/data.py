@@ -209,9 +209,14 @@ def load_examples(path: str | os.PathLike, *, txt_split: str = "blank_lines") ->
             within the dataset, or no examples at all; the message names the file and line.
 
     Example:
-        >>> examples = load_examples("chats.jsonl")
-        >>> examples[0].kind, examples[0].source
-        ('chat', 'chats.jsonl:1')
+        >>> import json
+        >>> with open(f"{tmp}/chats.jsonl", "w") as f:
+        ...     for q, a in [("Hi", "Hello!"), ("2+2?", "4")]:
+        ...         print(json.dumps({"messages": [{"role": "user", "content": q},
+        ...                                        {"role": "assistant", "content": a}]}), file=f)
+        >>> examples = load_examples(f"{tmp}/chats.jsonl")
+        >>> len(examples), examples[1].kind, examples[1].source
+        (2, 'chat', '.../chats.jsonl:2')
     """
     path = os.fspath(path)
     if txt_split not in ("blank_lines", "file"):
@@ -252,9 +257,9 @@ def split_examples(examples: Sequence, eval_fraction: float, seed: int = 0) -> t
         ``(train, eval)`` lists, each in the original order.
 
     Example:
-        >>> train, held_out = split_examples(load_examples("chats.jsonl"), 0.1, seed=0)
-        >>> len(train), len(held_out)
-        (360, 40)
+        >>> train, held_out = split_examples(list(range(20)), 0.1, seed=0)
+        >>> len(train), held_out
+        (18, [4, 19])
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"split_examples: eval_fraction must be in [0, 1), got {eval_fraction}")
@@ -566,9 +571,10 @@ class Batches:
             A `Batches`.
 
         Example:
-            >>> batches = Batches.from_examples(load_examples("chat.jsonl"), tok, seq_len=256, batch_size=8)
-            >>> batches.batch_at(0)["input_ids"].shape
-            (8, 257)
+            >>> examples = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(40)]
+            >>> batches = Batches.from_examples(examples, tok, seq_len=16, batch_size=8)
+            >>> batches.steps_per_epoch, batches.batch_at(0)["input_ids"].shape
+            (5, (8, 17))
         """
         exs = [_as_example(e, f"example {n}") for n, e in enumerate(examples)]
         seqs = [tokenize_example(e, tokenizer) for e in exs]
@@ -685,7 +691,10 @@ def make_batches(
         (``drop_remainder=False``) and have no accumulation axis.
 
     Example:
-        >>> train, held_out = make_batches("data.jsonl", tok, seq_len=512, batch_size=8, eval_fraction=0.05)
+        >>> examples = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(40)]  # or a path
+        >>> train, held_out = make_batches(examples, tok, seq_len=16, batch_size=8, eval_fraction=0.2)
+        >>> train.steps_per_epoch, held_out.num_rows
+        (4, 8)
     """
     examples = load_examples(data) if isinstance(data, (str, os.PathLike)) else list(data)
     train_ex, eval_ex = split_examples(examples, eval_fraction, seed)

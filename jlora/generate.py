@@ -321,9 +321,12 @@ def generate(cfg: ModelConfig, params, prompt_ids, max_new_tokens: int = 32, *, 
       (or ``[N]``) padded with ``pad_token_id``. With ``return_scores``: ``(ids, scores)``.
 
     Example:
-      >>> cfg = jlora.preset("tiny-llama"); params = jlora.init_params(cfg, jax.random.key(0))  # random weights
-      >>> generate(cfg, params, [5, 6, 7], max_new_tokens=4)  # greedy: the new ids
-      [73, 86, 88, 36]
+      ``cfg, params`` are a tiny random model and ``tok`` a character-level tokenizer; real ones come from
+      ``jlora.load_pretrained(path)`` and ``jlora.load_tokenizer(path)``.
+
+      >>> new = generate(cfg, params, tok.encode("The capital of France is"), max_new_tokens=8)  # greedy
+      >>> new, tok.decode(new)  # the new ids only (noise: random weights)
+      ([74, 62, 33, 2, 89, 22, 40, 35], 'g[><pad>v3E@')
       >>> generate(cfg, params, [[5], [6, 7]], 4, temperature=0.8, top_p=0.9, seed=0)  # a batch, sampled
       [[87, 9, 124, 53], [55, 83, 2, 113]]
       >>> generate(cfg, params, [[5, 6, 7]], 8, num_beams=4, no_repeat_ngram_size=2, length_penalty=0.9)  # beams
@@ -423,9 +426,15 @@ def chat(cfg: ModelConfig, params, tokenizer, messages, **gen_kwargs) -> str:
       the reply text, special tokens skipped.
 
     Example:
-      >>> cfg, params = jlora.load_pretrained(gguf_path); tok = jlora.load_tokenizer(gguf_path)
-      >>> chat(cfg, params, tok, [{"role": "user", "content": "Hi!"}], max_new_tokens=40)
-      'Hello! How can I assist you today?'
+      Here ``tok`` is a tiny character-level tokenizer with a ChatML template and ``params`` are random, so the
+      reply is noise. With the built-in SmolLM2 (``path = jlora.default_model_path()``, then
+      ``cfg, params = jlora.load_pretrained(path)`` and ``tok = jlora.load_tokenizer(path)``) the same call with
+      ``max_new_tokens=40`` answers ``'Hello! How can I assist you today?'``.
+
+      >>> tok.apply_chat_template([{"role": "user", "content": "Hi!"}])  # the prompt chat() generates from
+      '<|im_start|>user\\nHi!<|im_end|>\\n<|im_start|>assistant\\n'
+      >>> chat(cfg, params, tok, [{"role": "user", "content": "Hi!"}], max_new_tokens=8)
+      'Çfs×:([>'
     """
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, Mapping) or hasattr(ids, "keys"):  # transformers may return a BatchEncoding

@@ -273,6 +273,8 @@ def merge(params):
 
     Example:
       >>> merged = jlora.merge(jlora.lora.init(key, cfg, params, lcfg))
+      >>> jax.tree.structure(merged) == jax.tree.structure(params)  # plain arrays again
+      True
     """
     bad = _unmergeable(params)
     if bad:

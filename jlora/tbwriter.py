@@ -82,7 +82,9 @@ class SummaryWriter:
       logdir: directory (created); TensorBoard is pointed at it or at a parent.
 
     Example:
-      >>> w = SummaryWriter("runs/x/tb"); w.scalars(10, {"train/loss": 2.3}); w.close()
+      >>> w = SummaryWriter(f"{tmp}/tb"); w.scalars(10, {"train/loss": 2.3, "train/lr": 1e-4}); w.close()
+      >>> import os; os.listdir(f"{tmp}/tb")
+      ['events.out.tfevents...']
     """
 
     def __init__(self, logdir: str):

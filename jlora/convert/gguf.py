@@ -84,7 +84,7 @@ def key_table(cfg: ModelConfig) -> List[TensorEntry]:
       a list of `TensorEntry`, one per jlora leaf.
 
     Example:
-      >>> key_table(preset("smollm2-135m"))[0].gguf_name
+      >>> key_table(jlora.preset("smollm2-135m"))[0].gguf_name
       'token_embd.weight'
     """
     if cfg.arch != "llama":
@@ -378,9 +378,11 @@ def load_gguf(path, dtype=jnp.float32) -> Tuple[ModelConfig, dict]:
       unexpected or misshaped tensor, or an unsupported tensor type.
 
     Example:
-      >>> cfg, params = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
-      >>> jlora.apply(cfg, params, jnp.array([[1, 2, 3]])).shape
-      (1, 3, 49152)
+      >>> cfg, params = load_gguf(gguf_path)  # a tiny F32 file; jlora.default_model_path() is SmolLM2's
+      >>> cfg.name, cfg.n_layers, cfg.kv_heads
+      ('tiny-llama', 2, 2)
+      >>> jlora.apply(cfg, params, jnp.array([[1, 2, 3, 4, 5]])).shape
+      (1, 5, 128)
     """
     path = os.fspath(path)
     target = jnp.dtype(dtype)

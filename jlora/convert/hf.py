@@ -45,7 +45,7 @@ def key_table(cfg: ModelConfig) -> List[Tuple[Tuple[str, ...], str, bool]]:
     """The mapping for ``cfg``: a list of (jlora path tuple, HF key, transpose) for every parameter.
 
     Example:
-      >>> key_table(preset("tiny-gpt2"))[0]
+      >>> key_table(jlora.preset("tiny-gpt2"))[0]
       (('transformer', 'h', '0', 'attn', 'c_attn', 'bias'), 'transformer.h.0.attn.c_attn.bias', False)
     """
     rules = LEAF_RULES[cfg.arch]

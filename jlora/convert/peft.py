@@ -180,7 +180,9 @@ def save_adapter(cfg: ModelConfig, params, out_dir, mcfg=None, *, base_model_nam
 
     Example:
       >>> params = jlora.lora.init(jax.random.key(0), cfg, params, jlora.LoraConfig(r=8, alpha=16))
-      >>> save_adapter(cfg, params, "out/adapter")
+      >>> save_adapter(cfg, params, f"{tmp}/adapter")
+      >>> import os; sorted(os.listdir(f"{tmp}/adapter"))
+      ['adapter_config.json', 'adapter_model.safetensors']
     """
     method = _adapter_method(params, "save_adapter")
     codec = method.load_codec()
@@ -324,8 +326,12 @@ def load_adapter(cfg: ModelConfig, base_params, adapter_dir, *, dtype=jnp.float3
       the parameter tree with the method's nodes at the adapted modules.
 
     Example:
-      >>> cfg, base = jlora.load_pretrained("gpt2-dir")
-      >>> params = load_adapter(cfg, base, "my-adapter")
+      >>> tuned = jlora.lora.init(key, cfg, params, lcfg)  # params is the base tree here
+      >>> save_adapter(cfg, tuned, f"{tmp}/my-adapter")
+      >>> loaded = load_adapter(cfg, params, f"{tmp}/my-adapter")
+      >>> kernel = loaded["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+      >>> type(kernel).__name__, kernel.a.shape
+      ('LoRA', (64, 2))
     """
     adapter_dir = os.fspath(adapter_dir)
     pconf = _read_config(adapter_dir)

@@ -141,8 +141,8 @@ class TargetRules:
             name: ``transformer.h.*`` is GPT-2, anything else Llama).
 
         Example:
-          >>> LoraConfig(target_modules=["q_proj"], exclude_modules=["model.layers.1.self_attn.q_proj"]).selects(
-          ...     "model.layers.1.self_attn.q_proj")
+          >>> rules = jlora.LoraConfig(target_modules=["q_proj"], exclude_modules=["model.layers.1.self_attn.q_proj"])
+          >>> rules.selects("model.layers.1.self_attn.q_proj")
           False
         """
         name = module_name

@@ -238,7 +238,10 @@ def init(key: jax.Array, cfg: ModelConfig, params, icfg: IA3Config):
       ValueError naming the option: targets that match nothing, feed-forward modules that are no target.
 
     Example:
-      >>> params = jlora.peft.ia3.init(jax.random.key(0), cfg, params, IA3Config())
+      >>> tuned = jlora.peft.ia3.init(jax.random.key(0), cfg, params, IA3Config())  # k, v and down_proj
+      >>> k = tuned["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
+      >>> type(k).__name__, k.scale.shape, float(k.scale.min()), k.feedforward  # scales start at one
+      ('IA3', (32,), 1.0, False)
     """
     names = icfg.select(params, cfg.arch)
     if not names:

@@ -135,6 +135,8 @@ class LoraConfig(B.TargetRules):
 
     Example:
       >>> lcfg = LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+      >>> lcfg.selects("model.layers.0.self_attn.v_proj"), lcfg.selects("model.layers.0.mlp.up_proj")
+      (True, False)
     """
 
     r: int = 8
@@ -216,7 +218,10 @@ def init(key: jax.Array, cfg: ModelConfig, params, lcfg: LoraConfig):
       the parameter tree with LoRA kernels at the targets.
 
     Example:
-      >>> params = jlora.lora.init(jax.random.key(0), cfg, params, jlora.LoraConfig(r=8, alpha=16))
+      >>> tuned = jlora.lora.init(jax.random.key(0), cfg, params, jlora.LoraConfig(r=8, alpha=16))  # q, v
+      >>> v = tuned["model"]["layers"]["0"]["self_attn"]["v_proj"]["kernel"]
+      >>> type(v).__name__, v.a.shape, v.b.shape, float(abs(v.b).max())  # B starts at zero: the base's function
+      ('LoRA', (64, 8), (8, 32), 0.0)
     """
     if lcfg.use_dora:
         from jlora.peft import dora
