@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import ModelConfig
-from jlora.model import forward, init_cache, lm_head
+from jlora.model import forward, init_cache, lm_head, virtual_tokens
 
 # A finite "impossible" score, the value transformers' beam search uses: finite so that sums stay ordered.
 _NEG = -1.0e9
@@ -253,7 +253,7 @@ def _generate_jit(cfg, params, tokens, mask, key, max_new, temperature, top_k, t
                   n_buf, mode, filtered, num_beams, ngram):
     _STATS["traces"] += 1
     b, t = tokens.shape
-    cache = init_cache(cfg, b, t + n_buf)
+    cache = init_cache(cfg, b, t + n_buf, params=params)  # with params: a prompt's virtual tokens
     hidden, cache = forward(cfg, params, tokens, attention_mask=mask, cache=cache)
     logits = lm_head(cfg, params, hidden[:, -1]).astype(jnp.float32)  # only the last position: [B, V]
     if mode == "beam":
@@ -363,10 +363,13 @@ def generate(cfg: ModelConfig, params, prompt_ids, max_new_tokens: int = 32, *, 
     pad = int(pad if pad is not None else (eos[0] if eos else 0))
 
     longest = max(len(r) for r in rows)
-    cap = cfg.max_positions if cfg.arch == "gpt2" else None  # learned positions: a hard limit
+    n_virtual = virtual_tokens(cfg, params)  # prefix/prompt tuning: positions before the first token
+    cap = cfg.max_positions - n_virtual if cfg.arch == "gpt2" else None  # learned positions: a hard limit
     if cap is not None and longest + max_new > cap:
-        raise ValueError(f"generate: a prompt of {longest} tokens plus max_new_tokens={max_new} exceeds the "
-                         f"model's context of {cap} positions; shorten the prompt or lower max_new_tokens")
+        lead = f"{n_virtual} virtual tokens (num_virtual_tokens) + " if n_virtual else ""
+        raise ValueError(f"generate: {lead}a prompt of {longest} tokens + max_new_tokens={max_new} = "
+                         f"{n_virtual + longest + max_new} positions exceeds the model's context of "
+                         f"{cfg.max_positions} positions; shorten the prompt or lower max_new_tokens")
 
     b = len(rows)
     lengths = np.zeros((b,), np.int64)

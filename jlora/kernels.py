@@ -161,10 +161,12 @@ class Hook(Node):
 
     * ``attn_out`` / ``mlp_out`` (per layer): ``hook(h, residual) -> x``: the block's new residual stream from a
       sublayer's output ``h`` and its input ``residual`` (absent: ``residual + h``);
-    * ``kv_prefix`` (per layer): ``hook.kv(batch, dtype) -> (k, v)``, each ``[B, P, kv_heads, dim_head]``:
-      extra keys/values every query attends to, placed before the sequence;
+    * ``kv_prefix`` (body): ``hook.kv(batch, dtype) -> (k, v)``, each ``[n_layers, B, P, kv_heads, dim_head]``:
+      extra keys/values (no RoPE) every query of layer ``i`` attends to, placed before the sequence;
     * ``input_prefix`` (body): ``hook.embeds(batch, dtype) -> [B, P, d]``: virtual token embeddings placed
       before the first token; the model drops their outputs again, so the hidden states match the tokens.
+
+    Both prefix hooks also say ``hook.length`` (``P``, a Python int): real tokens take positions from ``P`` on.
     """
 
     mergeable: ClassVar[bool] = False
@@ -177,8 +179,8 @@ class Hook(Node):
         return jax.tree_util.tree_map(lambda x: (None,) * np.ndim(x), self)
 
 
-HOOK_SITES_LAYER = ("attn_out", "mlp_out", "kv_prefix")
-HOOK_SITES_BODY = ("input_prefix",)
+HOOK_SITES_LAYER = ("attn_out", "mlp_out")
+HOOK_SITES_BODY = ("input_prefix", "kv_prefix")
 HOOKS = "hooks"  # the dict key of hook sites, in a layer's and in the body's sub-tree
 
 
@@ -280,8 +282,9 @@ def merge(params):
     if bad:
         where, node = bad[0]
         raise ValueError(f"merge: {where} is a {type(node).__name__} node of the {node.method!r} method, which "
-                         f"changes the computation and cannot be folded into the weights (serve it unmerged, or "
-                         f"export it as an adapter)")
+                         f"changes the computation itself (extra keys/values, inputs or layers) and cannot be folded "
+                         f"into the weights; keep it as an adapter instead: use it unmerged (jlora generate/eval "
+                         f"--adapter DIR) or write it with jlora export --format peft (save_adapter)")
 
     def walk(node):
         if isinstance(node, dict):

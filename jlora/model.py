@@ -128,7 +128,7 @@ def _attention(cfg: ModelConfig, q, k, v, mask: Optional[jax.Array]) -> jax.Arra
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
-def _attn_block(cfg: ModelConfig, p: dict, x, positions, mask, layer_cache, cache_index):
+def _attn_block(cfg: ModelConfig, p: dict, x, positions, mask, layer_cache, cache_index, prefix):
     b, t, _ = x.shape
     nh, kh, hd = cfg.n_heads, cfg.kv_heads, cfg.dim_head
     if cfg.arch == "gpt2":
@@ -150,12 +150,14 @@ def _attn_block(cfg: ModelConfig, p: dict, x, positions, mask, layer_cache, cach
     if layer_cache is not None:
         ck = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 1)
         cv = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
-        new_cache = {"k": ck, "v": cv}
+        new_cache = dict(layer_cache, k=ck, v=cv)
         k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    prefix = _hook(p, "kv_prefix")
-    if prefix is not None:  # extra keys/values (prefix tuning) that every query attends to, before the sequence
-        pk, pv = prefix.kv(b, q.dtype)
-        k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+        if "pk" in layer_cache:  # the virtual tokens' keys/values (prompt tuning), computed once by init_cache
+            prefix = (layer_cache["pk"], layer_cache["pv"])
+    if prefix is not None:  # keys/values before the sequence that every query attends to (as stored: no RoPE)
+        pk, pv = prefix
+        k = jnp.concatenate([pk.astype(q.dtype), k], axis=1)
+        v = jnp.concatenate([pv.astype(q.dtype), v], axis=1)
         if mask is None:
             mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
         mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (pk.shape[1],), bool), mask], axis=-1)
@@ -170,12 +172,12 @@ def _mlp_block(cfg: ModelConfig, p: dict, x):
     return _linear(m["down_proj"], jax.nn.silu(_linear(m["gate_proj"], x)) * _linear(m["up_proj"], x))
 
 
-def _block(cfg: ModelConfig, p: dict, x, positions, mask, layer_cache, cache_index):
+def _block(cfg: ModelConfig, p: dict, x, positions, mask, layer_cache, cache_index, prefix=None):
     if cfg.arch == "gpt2":
         ln1, ln2 = p["ln_1"], p["ln_2"]
     else:
         ln1, ln2 = p["input_layernorm"], p["post_attention_layernorm"]
-    h, new_cache = _attn_block(cfg, p, _norm(cfg, ln1, x), positions, mask, layer_cache, cache_index)
+    h, new_cache = _attn_block(cfg, p, _norm(cfg, ln1, x), positions, mask, layer_cache, cache_index, prefix)
     hook = _hook(p, "attn_out")  # a sublayer hook (bottleneck adapter) owns the residual sum; absent: x + h
     x = x + h if hook is None else hook(h, x)
     h = _mlp_block(cfg, p, _norm(cfg, ln2, x))
@@ -207,9 +209,35 @@ def embedding(cfg: ModelConfig, params: Params) -> jax.Array:
 # Forward
 
 
+def virtual_tokens(cfg: ModelConfig, params: Params) -> int:
+    """How many virtual positions the tree's prefix hooks put before the first real token (prefix or prompt
+    tuning; 0 without). Real tokens take positions from this number on, as in transformers with a prefix cache."""
+    tree = body(cfg, params)
+    prompt, kvp = _hook(tree, "input_prefix"), _hook(tree, "kv_prefix")
+    if prompt is not None and kvp is not None:
+        raise ValueError("params has both an input_prefix hook (prompt tuning) and a kv_prefix hook (prefix "
+                         "tuning); use one of them")
+    hook = prompt if prompt is not None else kvp
+    return 0 if hook is None else int(hook.length)
+
+
+def check_context(cfg: ModelConfig, n_virtual: int, n_tokens: int, what: str = "the input") -> None:
+    """ValueError when ``n_virtual`` virtual tokens plus ``n_tokens`` do not fit a model with learned positions
+    (GPT-2's ``max_positions``); RoPE models have no such bound."""
+    if cfg.arch == "gpt2" and n_virtual + n_tokens > cfg.max_positions:
+        lead = f"{n_virtual} virtual tokens (num_virtual_tokens) + " if n_virtual else ""
+        raise ValueError(f"{lead}{what} of {n_tokens} tokens = {n_virtual + n_tokens} positions exceeds the "
+                         f"model's context of {cfg.max_positions} positions")
+
+
 def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: Optional[jax.Array] = None,
             attention_mask: Optional[jax.Array] = None, cache: Optional[Cache] = None):
     """Runs the Transformer body and returns the final hidden states (before the LM head).
+
+    Prefix hooks (`jlora.kernels.Hook` at the body's ``kv_prefix`` / ``input_prefix`` sites: prefix and prompt
+    tuning) put ``P`` virtual positions before the sequence; ``positions`` stay those of the real tokens and the
+    model adds ``P`` (`virtual_tokens`), as transformers does with a prefix cache. With an ``input_prefix`` hook a
+    cache must come from ``init_cache(..., params=params)``, which holds the virtual tokens' keys and values.
 
     Args:
       cfg: model config.
@@ -227,9 +255,14 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: O
     tree = body(cfg, params)
     emb = embedding(cfg, params)
     x = jnp.take(emb, tokens, axis=0).astype(dt)
+    n_virtual = virtual_tokens(cfg, params)
+    prompt, kvp = _hook(tree, "input_prefix"), _hook(tree, "kv_prefix")
 
     cache_index = None
     if cache is not None:
+        if prompt is not None and "pk" not in cache["layers"][0]:
+            raise ValueError("forward: params has an input_prefix hook (prompt tuning) but the cache holds no "
+                             "virtual tokens; make it with init_cache(cfg, batch, max_len, params=params)")
         cache_index = cache["index"]
         key_mask = cache["key_mask"]
         new_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -243,6 +276,7 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: O
         diag = jnp.arange(s)[None, :] == q_slot[:, None]  # a padded query still attends to itself (no NaN rows)
         mask = ((key_mask[:, None, :] & causal[None]) | diag[None])[:, None]  # [B, 1, T, S]
     else:
+        check_context(cfg, n_virtual, t)
         if attention_mask is not None:
             valid = attention_mask.astype(bool)
             if positions is None:
@@ -253,45 +287,52 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: O
             mask = None
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    real_positions = positions
+    positions = positions + n_virtual  # where the real tokens sit (they follow the virtual ones)
 
-    n_virtual = 0
-    prompt = _hook(tree, "input_prefix")
-    if prompt is not None:  # virtual token embeddings (prompt tuning) before the first token, dropped at the end
-        if cache is not None:
-            raise NotImplementedError("an input_prefix hook with a KV cache is not supported yet")
+    n_drop = 0
+    if prompt is not None and cache is None:  # virtual token embeddings before the first token, dropped after
         pe = prompt.embeds(b, dt)
-        n_virtual = pe.shape[1]
+        n_drop = pe.shape[1]
         x = jnp.concatenate([pe.astype(dt), x], axis=1)
-        full = t + n_virtual
+        full = t + n_drop
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        valid = jnp.concatenate([jnp.ones((b, n_virtual), bool), valid], axis=1)
+        valid = jnp.concatenate([jnp.ones((b, n_drop), bool), valid], axis=1)
         causal = jnp.tril(jnp.ones((full, full), bool))
         mask = ((valid[:, None, :] & causal[None]) | jnp.eye(full, dtype=bool)[None])[:, None]
-        # The virtual tokens take positions 0..P-1 and the real ones follow (as when they are fed as inputs).
-        positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_virtual, dtype=positions.dtype)[None],
-                                                      (b, n_virtual)), positions + n_virtual], axis=1)
+        positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_drop, dtype=positions.dtype)[None],
+                                                      (b, n_drop)), positions], axis=1)
+    prefix_kv = None if kvp is None else kvp.kv(b, dt)  # ([L, B, P, kv_heads, dim_head],) * 2
+    x, new_layers = _run_layers(cfg, params, x, positions, mask, cache, cache_index, prefix_kv)
+    if n_drop:
+        x = x[:, n_drop:]
+
+    new_cache = None
+    if cache is not None:
+        new_cache = dict(cache, layers=new_layers, index=cache_index + t, key_mask=key_mask,
+                         next_pos=real_positions[:, -1] + 1)
+    return x, new_cache
+
+
+def _run_layers(cfg: ModelConfig, params: Params, x, positions, mask, cache, cache_index, prefix_kv):
+    """Position embeddings (GPT-2), the layers and the final norm over embedded inputs ``x`` ``[B, T, d]``."""
+    tree = body(cfg, params)
+    dt = jnp.dtype(cfg.dtype)
     if cfg.arch == "gpt2":
         x = x + jnp.take(materialize(tree["wpe"]["embedding"]), positions, axis=0).astype(dt)
     x = _constrain(x)
-
     block = functools.partial(_block, cfg)
     if cfg.remat:
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
     new_layers = []
     for i, lp in enumerate(layers(cfg, params)):
         layer_cache = None if cache is None else cache["layers"][i]
-        x, lc = block(lp, x, positions, mask, layer_cache, cache_index)
+        prefix = None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i])
+        x, lc = block(lp, x, positions, mask, layer_cache, cache_index, prefix)
         x = _constrain(x)
         new_layers.append(lc)
     x = _constrain(_norm(cfg, tree["ln_f" if cfg.arch == "gpt2" else "norm"], x))
-    if n_virtual:
-        x = x[:, n_virtual:]
-
-    new_cache = None
-    if cache is not None:
-        new_cache = {"layers": new_layers, "index": cache_index + t, "key_mask": key_mask,
-                     "next_pos": positions[:, -1] + 1}
-    return x, new_cache
+    return x, new_layers
 
 
 def lm_head(cfg: ModelConfig, params: Params, hidden: jax.Array, pad_to: int = 1) -> jax.Array:
@@ -355,18 +396,35 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, attention_mask: O
 # KV cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + generated)."""
-    if max_len > cfg.max_positions and cfg.arch == "gpt2":
-        raise ValueError(f"max_len {max_len} exceeds the model's context ({cfg.max_positions} positions)")
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None, *, params: Params = None) -> Cache:
+    """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + generated).
+
+    With ``params`` that carry an ``input_prefix`` hook (prompt tuning) the cache also holds the virtual tokens'
+    keys and values (``layers[i]["pk"/"pv"]``, computed here once: they depend on no real token), so decoding
+    never recomputes them; `forward` requires such a cache for those params.
+    """
+    n_virtual = 0 if params is None else virtual_tokens(cfg, params)
+    check_context(cfg, n_virtual, max_len, "a KV cache")
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (batch, max_len, cfg.kv_heads, cfg.dim_head)
-    return {
+    cache = {
         "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)],
         "index": jnp.array(0, jnp.int32),
         "key_mask": jnp.zeros((batch, max_len), bool),
         "next_pos": jnp.zeros((batch,), jnp.int32),
     }
+    prompt = None if params is None else _hook(body(cfg, params), "input_prefix")
+    if prompt is not None:
+        dt = jnp.dtype(cfg.dtype)
+        x = prompt.embeds(batch, dt).astype(dt)
+        p = x.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (batch, p))
+        tmp = {"layers": [{"k": jnp.zeros((batch, p) + shape[2:], dtype), "v": jnp.zeros((batch, p) + shape[2:], dtype)}
+                          for _ in range(cfg.n_layers)]}
+        _, virt = _run_layers(cfg, params, x, positions, None, tmp, jnp.array(0, jnp.int32), None)
+        for lc, vc in zip(cache["layers"], virt):
+            lc["pk"], lc["pv"] = vc["k"], vc["v"]
+    return cache
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -215,7 +215,10 @@ def build_model(c, log=print):
     if method.kind != "full":  # a parameter-efficient method: the base is frozen and may be stored narrower
         if c["model"]["base_dtype"] != "float32":
             params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(c["model"]["base_dtype"])), params)
-        params = method.init(jax.random.key(c["run"]["seed"] + 1), cfg, params, method_config(c))
+        mcfg = method_config(c)
+        if getattr(mcfg, "tokenizer_name_or_path", "") is None and path is not None:
+            mcfg = mcfg.replace(tokenizer_name_or_path=path)  # e.g. prompt tuning from a text: the model's own
+        params = method.init(jax.random.key(c["run"]["seed"] + 1), cfg, params, mcfg)
     return path, cfg, params
 
 

@@ -58,12 +58,16 @@ class Residual(Hook):
 
 @struct.dataclass
 class KVPrefix(Hook):
-    k: jax.Array  # [P, kv_heads, dim_head]
+    k: jax.Array  # [n_layers, P, kv_heads, dim_head]
     v: jax.Array
 
+    @property
+    def length(self):
+        return self.k.shape[1]
+
     def kv(self, batch, dtype):
-        return (jnp.broadcast_to(self.k, (batch,) + self.k.shape).astype(dtype),
-                jnp.broadcast_to(self.v, (batch,) + self.v.shape).astype(dtype))
+        grow = lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], batch) + a.shape[1:]).astype(dtype)  # noqa: E731
+        return grow(self.k), grow(self.v)
 
     def labels(self, label_base):
         return self.replace(k=ROLE, v=ROLE)
@@ -72,6 +76,10 @@ class KVPrefix(Hook):
 @struct.dataclass
 class InputPrefix(Hook):
     e: jax.Array  # [P, d]
+
+    @property
+    def length(self):
+        return self.e.shape[0]
 
     def embeds(self, batch, dtype):
         return jnp.broadcast_to(self.e, (batch,) + self.e.shape).astype(dtype)
@@ -149,13 +157,17 @@ def test_sublayer_hooks_own_the_residual(model):
 def test_kv_prefix_is_attended_and_empty_prefix_is_identity(model):
     cfg, params = model
     base_logits = np.asarray(jlora.apply(cfg, params, TOKENS))
-    empty = KVPrefix(k=jnp.zeros((0, cfg.kv_heads, cfg.dim_head)), v=jnp.zeros((0, cfg.kv_heads, cfg.dim_head)))
-    hooked = _with_hooks(cfg, params, {i: {"kv_prefix": empty} for i in range(cfg.n_layers)})
+    shape = (cfg.n_layers, 0, cfg.kv_heads, cfg.dim_head)
+    empty = KVPrefix(k=jnp.zeros(shape), v=jnp.zeros(shape))
+    hooked = _with_hooks(cfg, params, body_hooks={"kv_prefix": empty})
+    check_params(cfg, hooked)
     np.testing.assert_allclose(jlora.apply(cfg, hooked, TOKENS), base_logits, atol=1e-6)
     rng = np.random.default_rng(1)
-    pre = KVPrefix(k=jnp.asarray(rng.normal(size=(3, cfg.kv_heads, cfg.dim_head)), jnp.float32),
-                   v=jnp.asarray(rng.normal(size=(3, cfg.kv_heads, cfg.dim_head)), jnp.float32))
-    hooked = _with_hooks(cfg, params, {0: {"kv_prefix": pre}})
+    shape = (cfg.n_layers, 3, cfg.kv_heads, cfg.dim_head)
+    pre = KVPrefix(k=jnp.asarray(rng.normal(size=shape), jnp.float32),
+                   v=jnp.asarray(rng.normal(size=shape), jnp.float32))
+    hooked = _with_hooks(cfg, params, body_hooks={"kv_prefix": pre})
+    assert jlora.model.virtual_tokens(cfg, hooked) == 3
     out = np.asarray(jlora.apply(cfg, hooked, TOKENS))
     assert np.abs(out - base_logits).max() > 1e-4
     # Every position sees the prefix, including the first token (which otherwise sees only itself), and a
@@ -195,8 +207,14 @@ def test_input_prefix_adds_virtual_tokens_and_keeps_output_aligned(model):
     hidden, _ = forward(mcfg, manual, ids)
     ref = np.asarray(jlora.lm_head(cfg, params, hidden[:, 4:]))
     np.testing.assert_allclose(out, ref, atol=2e-5)
-    with pytest.raises(NotImplementedError, match="input_prefix hook with a KV cache"):
+    with pytest.raises(ValueError, match=r"input_prefix hook .* make it with init_cache\(.*params=params\)"):
         forward(cfg, hooked, TOKENS, cache=jlora.init_cache(cfg, 2, 16))
+    # A cache made with the params holds the virtual tokens' keys/values: prefill + one step = the full forward.
+    cache = jlora.init_cache(cfg, 2, 16, params=hooked)
+    h1, cache = forward(cfg, hooked, TOKENS[:, :5], cache=cache)
+    h2, cache = forward(cfg, hooked, TOKENS[:, 5:], cache=cache)
+    full, _ = forward(cfg, hooked, TOKENS)
+    np.testing.assert_allclose(np.concatenate([h1, h2], axis=1), full, atol=2e-5)
 
 
 def test_hooks_train_strip_and_refuse_to_merge(model):
