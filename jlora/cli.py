@@ -167,7 +167,8 @@ def cmd_demo(a):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jlora", description="Fine-tune GPT-style language models in JAX: "
-                                "train (full, LoRA, DoRA, IA3), evaluate, convert checkpoints, generate, merge and export adapters.")
+                                "train (full, LoRA, DoRA, IA3, bottleneck adapters, prefix and prompt tuning), evaluate, convert "
+                                "checkpoints, generate, merge and export adapters.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     model_help = "HF model dir or .gguf file (default: the built-in SmolLM2-135M-Instruct)"
 
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text (chat mode for instruct models)")
     g.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    g.add_argument("--adapter", default=None, help="a PEFT adapter directory to apply (LoRA, DoRA or IA3)")
+    g.add_argument("--adapter", default=None, help="an adapter directory to apply (PEFT: LoRA, DoRA, IA3, prefix, prompt; AdapterHub: "
+                                                      "bottleneck adapters)")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     g.add_argument("--interactive", action="store_true", help="read prompts from standard input")
     g.add_argument("--chat", dest="chat", action="store_true", default=None,
@@ -191,14 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.set_defaults(fn=cmd_generate)
 
-    m = sub.add_parser("merge", help="fold a PEFT adapter (LoRA, DoRA, IA3) into the base -> HF model dir")
+    m = sub.add_parser("merge", help="fold a PEFT adapter (LoRA, DoRA, IA3) into the base -> HF model dir; prefix, "
+                                   "prompt and bottleneck adapters change the computation and cannot be folded "
+                                   "(use them unmerged with --adapter, or export --format peft)")
     m.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     m.add_argument("--adapter", required=True, help="PEFT adapter directory")
     m.add_argument("--out", required=True, help="output HF model directory")
     m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     m.set_defaults(fn=cmd_merge)
 
-    e = sub.add_parser("export", help="export a model+adapter as a merged HF dir (--format hf) or a PEFT adapter")
+    e = sub.add_parser("export", help="export a model+adapter as a merged HF dir (--format hf) or an adapter dir "
+                                    "(--format peft: PEFT's format; AdapterHub's for bottleneck adapters)")
     e.add_argument("--format", required=True, choices=["peft", "hf"])
     e.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     e.add_argument("--adapter", default=None, help="PEFT adapter directory")
@@ -206,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     e.set_defaults(fn=cmd_export)
 
-    t = sub.add_parser("train", help="train (full, LoRA, DoRA, IA3) from a TOML/YAML config; resumes automatically")
+    t = sub.add_parser("train", help="train (any --method) from a TOML/YAML config; resumes automatically")
     t.add_argument("--config", default=None, help="run config (.toml or .yaml); see jlora/run.py for the keys")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     t.add_argument("--model", default=None, help="shortcut for --set model.path=...")
@@ -214,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, help="shortcut for --set run.dir=...")
     t.add_argument("--steps", type=int, default=None, help="shortcut for --set run.steps=...")
     t.add_argument("--method", default=None, metavar="KIND",
-                   help="shortcut for --set method.kind=KIND: dora | ia3 | lora | full (method options go in [method])")
+                   help="shortcut for --set method.kind=KIND: adapter | dora | ia3 | lora | prefix | prompt | full "
+                        "(method options go in [method])")
     t.add_argument("--mesh", default=None, metavar="SPEC",
                    help="device mesh, e.g. data=4,fsdp=2 or fsdp=-1 (axes data, fsdp, tensor; shortcut for "
                         "--set run.mesh=...); a run may resume on another mesh")

@@ -7,9 +7,9 @@
     remat = false
 
     [method]
-    kind = "lora"               # dora | ia3 | lora | full (jlora.peft.base.kinds())
+    kind = "lora"               # adapter | dora | ia3 | lora | prefix | prompt | full (jlora.peft.base.kinds())
     r = 8                       # the rest of [method] are the fields of the method's config dataclass
-    alpha = 16                  #   (LoraConfig, DoraConfig, IA3Config); unknown keys are errors
+    alpha = 16                  #   (LoraConfig, DoraConfig, IA3Config, PrefixConfig, ...); unknown keys are errors
     target_modules = ["q_proj", "v_proj"]
 
     [data]

@@ -184,3 +184,46 @@ def test_train_other_methods_then_merge_and_export(model_dir, tmp_path, capsys, 
                  "--out", str(tmp_path / "exported")]) == 0
     again = jlora.load_adapter(cfg, base, tmp_path / "exported")
     np.testing.assert_allclose(jlora.apply(cfg, again, toks), jlora.apply(cfg, params, toks), atol=0)
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("prefix", ["method.num_virtual_tokens=4", "method.prefix_projection=true"]),
+    ("prompt", ["method.num_virtual_tokens=4", 'method.prompt_tuning_init="TEXT"',
+                'method.prompt_tuning_init_text="w1 w2 w3"']),
+])
+def test_train_prefix_and_prompt_then_generate_and_refuse_merge(model_dir, tmp_path, capsys, kind, options):
+    """Prefix and prompt tuning from the command line: a PEFT adapter of their kind that `generate --adapter`
+    applies; `merge` is a clear error (they change the computation) and `export --format peft` works."""
+    sets = ["--set", "data.eval_fraction=0.25", "--set", "data.seq_len=16", "--set", "data.batch_size=4",
+            "--set", "optim.learning_rate=1e-2"]
+    for o in options:
+        sets += ["--set", o]
+    run_dir = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(model_dir / "train.jsonl"), "--run-dir",
+                 str(run_dir), "--method", kind, "--steps", "2", "--no-progress", *sets]) == 0
+    with open(run_dir / "adapter" / "adapter_config.json") as f:
+        pconf = json.load(f)
+    assert pconf["peft_type"] == {"prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}[kind]
+    assert pconf["num_virtual_tokens"] == 4
+    if kind == "prompt":  # the TEXT init used the run's own tokenizer
+        assert pconf["prompt_tuning_init"] == "TEXT"
+    cfg, base = jlora.load_pretrained(model_dir)
+    params = jlora.load_adapter(cfg, base, run_dir / "adapter")
+    assert jlora.methods.methods_in(params) == [jlora.methods.get(kind)]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(run_dir / "adapter"), "--prompt",
+                 "w1 w2", "--no-chat", "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tok = jlora.load_tokenizer(model_dir)
+    ids = jlora.generate(cfg, params, tok.encode("w1 w2"), max_new_tokens=3, eos_token_id=tok.eos_token_ids)
+    assert out["completion"] == tok.decode(ids, skip_special_tokens=True)
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(run_dir / "adapter"), "--out",
+                 str(tmp_path / "merged")]) == 1
+    err = capsys.readouterr().err
+    assert "jlora merge: error:" in err and "cannot be folded into the weights" in err and "export" in err
+    assert not os.path.exists(tmp_path / "merged")  # nothing half-written
+    assert main(["export", "--model", str(model_dir), "--adapter", str(run_dir / "adapter"), "--format", "peft",
+                 "--out", str(tmp_path / "exported")]) == 0
+    again = jlora.load_adapter(cfg, base, tmp_path / "exported")
+    toks = np.asarray([[1, 5, 9, 14, 3]], np.int32)
+    np.testing.assert_allclose(jlora.apply(cfg, again, toks), jlora.apply(cfg, params, toks), atol=0)
