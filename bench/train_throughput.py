@@ -7,9 +7,10 @@ table and the ratios; ``--json FILE`` writes the raw numbers.
     python bench/train_throughput.py --model gpt2 --dtype bfloat16 --batch 16 --seq 1024   # on a GPU
 
 Model: a preset name (random init, same shapes as the real model) or a path (.gguf / HF dir). Methods
-(``--methods lora,dora,ia3,full``): LoRA and DoRA are r=8, alpha 16 on q and v (PEFT's ``c_attn`` for GPT-2,
-which holds q, k and v); IA3 uses PEFT's default targets (GPT-2 ``c_attn``, ``mlp.c_proj``; Llama ``k_proj``,
-``v_proj``, ``down_proj``, the last one feed-forward); the same configs on both sides. FLOPs per token for MFU: 6N + 12 L T d
+(``--methods lora,dora,ia3,prefix,prompt,adapter,full``): LoRA and DoRA are r=8, alpha 16 on q and v (PEFT's
+``c_attn`` for GPT-2, which holds q, k and v); IA3 uses PEFT's default targets (GPT-2 ``c_attn``, ``mlp.c_proj``;
+Llama ``k_proj``, ``v_proj``, ``down_proj``, the last one feed-forward); prefix and prompt tuning 20 virtual tokens;
+the same configs on both sides (bottleneck adapters: jlora only, AdapterHub's default config). FLOPs per token for MFU: 6N + 12 L T d
 (training, attention included; LoRA counted with the same model FLOPs, as the LoRA paper does).
 """
 
@@ -35,6 +36,20 @@ def _targets(arch):
     return ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
 
 
+VIRTUAL = 20  # prefix / prompt tuning: num_virtual_tokens
+
+
+def _jlora_options(method: str, arch: str) -> dict:
+    """The [method] options of each benchmarked method (the same configs as the PEFT side)."""
+    if method == "ia3":
+        return {}
+    if method in ("prefix", "prompt"):
+        return {"num_virtual_tokens": VIRTUAL}
+    if method == "adapter":
+        return {}  # AdapterHub's defaults (no PEFT counterpart: jlora only)
+    return {"r": 8, "alpha": 16.0, "target_modules": _targets(arch)}
+
+
 def run_jlora(a) -> dict:
     import jax
     import jax.numpy as jnp
@@ -53,7 +68,7 @@ def run_jlora(a) -> dict:
         from jlora.peft import base as B
 
         method = B.get(a.method)
-        opts = {} if a.method == "ia3" else {"r": 8, "alpha": 16.0, "target_modules": _targets(cfg.arch)}
+        opts = _jlora_options(a.method, cfg.arch)
         params = method.init(jax.random.key(1), cfg, params, method.make_config(opts))
         if a.frozen_dtype != "float32":  # a frozen base may be stored in bf16
             labels = jlora.trainable_labels(params)
@@ -114,6 +129,10 @@ def run_torch(a) -> dict:
         arch = "gpt2" if model.config.model_type == "gpt2" else "llama"
         if a.method == "ia3":
             pcfg = peft.IA3Config(task_type="CAUSAL_LM")
+        elif a.method == "prefix":
+            pcfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL)
+        elif a.method == "prompt":
+            pcfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL)
         else:
             pcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=_targets(arch), lora_dropout=0.0,
                                    use_dora=a.method == "dora")
@@ -173,7 +192,7 @@ def main(argv=None):
     p.add_argument("--frozen-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--remat", action="store_true")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
-    p.add_argument("--methods", default="lora,full", help="comma list of lora, dora, ia3, full")
+    p.add_argument("--methods", default="lora,full", help="comma list of lora, dora, ia3, prefix, prompt, adapter, full")
     p.add_argument("--frameworks", default="jlora,torch")
     p.add_argument("--json", default=None)
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
@@ -185,6 +204,8 @@ def main(argv=None):
     results = []
     for method in a.methods.split(","):
         for fw in a.frameworks.split(","):
+            if fw == "torch" and method == "adapter":
+                continue  # bottleneck adapters are AdapterHub's, not PEFT's: jlora's numbers only
             cmd = [sys.executable, __file__, "--single", f"{fw}:{method}"] + [
                 x for x in (argv if argv is not None else sys.argv[1:])]
             proc = subprocess.run(cmd, capture_output=True, text=True)
