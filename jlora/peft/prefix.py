@@ -167,8 +167,8 @@ def init(key: jax.Array, cfg: ModelConfig, params, pcfg: PrefixConfig):
     Example:
       >>> tuned = jlora.peft.prefix.init(jax.random.key(0), cfg, params, PrefixConfig(num_virtual_tokens=4))
       >>> hook = tuned["model"]["hooks"]["kv_prefix"]
-      >>> hook.length, hook.embedding.shape  # 2 layers * (key, value) * 2 kv heads * 16
-      (4, (4, 64))
+      >>> hook.length, hook.embedding.shape  # 2 layers * (key, value) * 2 kv heads * 16 (head_dim)
+      (4, (4, 128))
     """
     p, td, n = pcfg.num_virtual_tokens, token_dim(cfg), cfg.n_layers
     dt = jnp.dtype(pcfg.dtype)
