@@ -133,7 +133,7 @@ def test_config_errors_name_the_key(model_dir, tmp_path, capsys):
         run.load_config(str(bad))
     with pytest.raises(ValueError, match="data.train is required"):
         run.load_config(None, ["run.dir=x"])
-    with pytest.raises(ValueError, match="method.kind must be one of dora, ia3, lora, full, got 'vera'"):
+    with pytest.raises(ValueError, match="method.kind must be one of adapter, dora, ia3, lora, prefix, prompt, full, got 'vera'"):
         run.load_config(None, ["run.dir=x", "data.train=y", "method.kind=vera"])
     with pytest.raises(ValueError, match=r"unknown option method.lora_alpha for method.kind 'lora' \(its options: "
                                          r"alpha, .*\)"):

@@ -120,9 +120,9 @@ class Packed(KernelWrapper):
 
 
 def test_registry_lists_methods_and_names_unknown_kinds():
-    assert B.kinds() == ["dora", "ia3", "lora", "full"]
+    assert B.kinds() == ["adapter", "dora", "ia3", "lora", "prefix", "prompt", "full"]
     assert B.get("lora").config is jlora.LoraConfig and B.get("lora").mergeable
-    with pytest.raises(ValueError, match="unknown method kind 'vera'; jlora knows: dora, ia3, lora, full"):
+    with pytest.raises(ValueError, match="unknown method kind 'vera'; jlora knows: adapter, dora, ia3, lora, prefix, prompt, full"):
         B.get("vera")
     with pytest.raises(ValueError, match="unknown method kind 'modules_to_save'"):
         B.get("modules_to_save")  # a component of other methods, not a kind of its own

@@ -14,6 +14,11 @@ and ``tensors_from_peft(cfg, base, pconf, mcfg, src, where)``. The generic part
 * is strict: a tensor that no part used is an error naming it (PEFT warns and goes on, peft#2566);
 * writes atomically: a new ``out_dir`` appears complete or not at all; in an existing one the weights, then the
   config, are replaced by atomic renames. Only safetensors files are read (pickle can run code).
+
+A method whose files are not PEFT's names a file-format module instead (`jlora.peft.base.Method.file_format`,
+e.g. `jlora.convert.adapterhub` for bottleneck adapters): `save_adapter` hands a tree of that method to its
+``save``, and `load_adapter` hands a directory whose ``adapter_config.json`` the module's ``detect`` claims to
+its ``load``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,23 @@ def method_for(pconf: dict, where: str = CONFIG_NAME) -> B.Method:
     if not hits:
         _fail(where, f"peft_type {pconf.get('peft_type')!r} is not supported; jlora reads and writes: {_supported()}")
     return hits[0]
+
+
+def file_format_for(conf):
+    """The file-format module (`jlora.peft.base.Method.file_format`) whose ``detect`` claims a parsed
+    ``adapter_config.json``, or None for a PEFT file.
+
+    Example:
+      >>> file_format_for({"config": "seq_bn", "name": "a", "version": "adapters.1.3.0"}).__name__
+      'jlora.convert.adapterhub'
+      >>> file_format_for({"peft_type": "LORA"}) is None
+      True
+    """
+    for m in B.methods():
+        fmt = m.load_file_format()
+        if fmt is not None and fmt.detect(conf):
+            return fmt
+    return None
 
 
 def config_from_peft(pconf: dict, where: str = CONFIG_NAME):
@@ -155,14 +177,15 @@ def _adapter_method(params, where: str) -> B.Method:
         _fail(where, "params has no adapter (wrap it with a method's init, e.g. jlora.lora.init, or load_adapter)")
     if len(found) > 1:
         _fail(where, f"params mixes methods {', '.join(m.kind for m in found)}; a PEFT adapter file holds one")
-    if found[0].codec is None:
-        _fail(where, f"the {found[0].kind!r} method has no PEFT file format")
+    if found[0].codec is None and found[0].file_format is None:
+        _fail(where, f"the {found[0].kind!r} method has no adapter file format")
     return found[0]
 
 
 def save_adapter(cfg: ModelConfig, params, out_dir, mcfg=None, *, base_model_name_or_path: Optional[str] = None,
                  dtype=None) -> None:
-    """Writes the adapter in ``params`` (LoRA, DoRA, IA3, with any ``modules_to_save``) as a PEFT directory.
+    """Writes the adapter in ``params`` (LoRA, DoRA, IA3, with any ``modules_to_save``) as a PEFT directory;
+    bottleneck adapters as an AdapterHub directory (`jlora.convert.adapterhub.save`).
 
     ``PeftModel.from_pretrained(hf_model, out_dir)`` loads it with no missing or unexpected keys and computes
     the same function. Without ``mcfg`` the config is derived from the nodes themselves (for LoRA: rank from
@@ -185,6 +208,9 @@ def save_adapter(cfg: ModelConfig, params, out_dir, mcfg=None, *, base_model_nam
       ['adapter_config.json', 'adapter_model.safetensors']
     """
     method = _adapter_method(params, "save_adapter")
+    fmt = method.load_file_format()
+    if fmt is not None:  # a method with a file format of its own (AdapterHub's for bottleneck adapters)
+        return fmt.save(cfg, params, out_dir, mcfg, base_model_name_or_path=base_model_name_or_path, dtype=dtype)
     codec = method.load_codec()
     if mcfg is not None and not isinstance(mcfg, method.config):
         # e.g. a LoraConfig(use_dora=True), which made a DoRA tree: the method's own config with the same fields
@@ -200,7 +226,7 @@ def save_adapter(cfg: ModelConfig, params, out_dir, mcfg=None, *, base_model_nam
     from jlora.peft.saved import saved_modules
 
     have = set(saved_modules(params))
-    mts = mcfg.modules_to_save if mcfg is not None else None
+    mts = getattr(mcfg, "modules_to_save", None)
     if mts is None and saved:
         mts = sorted({n.rsplit(".", 1)[0] for n in have}, key=T.natural_key)
     elif mts:
@@ -221,15 +247,17 @@ def save_adapter(cfg: ModelConfig, params, out_dir, mcfg=None, *, base_model_nam
     write_adapter_dir(out_dir, pconf, tensors, metadata)
 
 
-def write_adapter_dir(out_dir, pconf: dict, tensors: Dict[str, np.ndarray], metadata=None) -> None:
-    """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` atomically (see the module docstring)."""
+def write_adapter_dir(out_dir, pconf: dict, tensors: Dict[str, np.ndarray], metadata=None, *,
+                      weights_name: str = WEIGHTS_NAME) -> None:
+    """Writes ``adapter_config.json`` and the weights (``adapter_model.safetensors``, or ``weights_name``)
+    atomically (see the module docstring)."""
     out_dir = os.fspath(out_dir)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".jlora-adapter-", dir=parent)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; it becomes out_dir
-        write_safetensors(os.path.join(tmp, WEIGHTS_NAME), tensors, metadata)
+        write_safetensors(os.path.join(tmp, weights_name), tensors, metadata)
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(pconf, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -239,7 +267,7 @@ def write_adapter_dir(out_dir, pconf: dict, tensors: Dict[str, np.ndarray], meta
         except OSError:
             if not os.path.isdir(out_dir):
                 raise
-            for fname in (WEIGHTS_NAME, CONFIG_NAME):
+            for fname in (weights_name, CONFIG_NAME):
                 os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
     finally:
         if tmp is not None:
@@ -299,7 +327,8 @@ def _read_config(adapter_dir: str) -> dict:
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{adapter_dir}: no {CONFIG_NAME} (expected a PEFT adapter directory)")
+        raise FileNotFoundError(f"{adapter_dir}: no {CONFIG_NAME} (expected a PEFT or AdapterHub adapter "
+                                f"directory)")
     try:
         with open(path) as f:
             pconf = json.load(f)
@@ -309,7 +338,8 @@ def _read_config(adapter_dir: str) -> dict:
 
 
 def load_adapter(cfg: ModelConfig, base_params, adapter_dir, *, dtype=jnp.float32):
-    """Loads a PEFT adapter (LoRA, DoRA or IA3, with any ``modules_to_save``) onto a base parameter tree.
+    """Loads a PEFT adapter (LoRA, DoRA or IA3, with any ``modules_to_save``) onto a base parameter tree; an
+    AdapterHub bottleneck adapter directory goes to `jlora.convert.adapterhub.load`.
 
     Honours the method's options and PEFT's whole targeting vocabulary (``target_modules`` incl. regex and
     ``"all-linear"``, ``exclude_modules``, ``layers_to_transform``/``layers_pattern``). Strict: a tensor that
@@ -336,6 +366,9 @@ def load_adapter(cfg: ModelConfig, base_params, adapter_dir, *, dtype=jnp.float3
     adapter_dir = os.fspath(adapter_dir)
     pconf = _read_config(adapter_dir)
     cpath = os.path.join(adapter_dir, CONFIG_NAME)
+    fmt = file_format_for(pconf)
+    if fmt is not None:  # not PEFT's format: a method's own (AdapterHub's for bottleneck adapters)
+        return fmt.load(cfg, base_params, adapter_dir, dtype=dtype)
     method = method_for(pconf, cpath)
     codec = method.load_codec()
     mcfg = codec.config_from_peft(pconf, cpath)

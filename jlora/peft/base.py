@@ -8,6 +8,9 @@ A PEFT method is one file in `jlora.peft` plus one `register` call. The rest of 
 * `Method.init(key, cfg, params, mcfg) -> params`: a new tree with the method's nodes at the targets;
 * `Method.nodes`: the node types it owns (their protocol is in `jlora.kernels`);
 * `Method.codec`: ``"module:attr"`` of its PEFT codec (`jlora.convert.peft` loads it lazily), or None;
+* `Method.file_format`: the module of its own (non-PEFT) adapter file format, e.g. AdapterHub's for bottleneck
+  adapters: ``detect(config_json) -> bool``, ``save(cfg, params, out_dir, mcfg, ...)``, ``load(cfg, params, dir,
+  ...)`` (`jlora.save_adapter`/`jlora.load_adapter` dispatch to it), or None;
 * `Method.claims(pconf)`: whether a PEFT ``adapter_config.json`` is this method's.
 
 `"full"` (full fine-tuning) is registered here too: its init is the identity and everything trains.
@@ -216,6 +219,7 @@ class Method:
       init: ``init(key, cfg, params, mcfg) -> params``.
       nodes: the node types this method puts in a tree.
       codec: ``"module:attr"`` of the PEFT codec (see `jlora.convert.peft`), or None (no PEFT format).
+      file_format: the module of a non-PEFT file format (see `load_file_format`), or None.
       claims: ``claims(pconf) -> bool`` for a parsed ``adapter_config.json``.
       peft_type: PEFT's ``peft_type`` string, for messages.
       summary: one line for ``--help`` and error messages.
@@ -231,6 +235,7 @@ class Method:
     summary: str = ""
     standalone: bool = True  # a method.kind of its own (False: a component other methods use, modules_to_save)
     peft_label: str = ""  # how PEFT names it, for messages (default: peft_type)
+    file_format: Optional[str] = None  # module with detect/save/load of its own adapter directory format
 
     @property
     def mergeable(self) -> bool:
@@ -253,6 +258,10 @@ class Method:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: [method] kind {self.kind!r}: {e}") from None
 
+    def load_file_format(self):
+        """The module of this method's own adapter file format (``detect``, ``save``, ``load``), or None."""
+        return None if self.file_format is None else importlib.import_module(self.file_format)
+
     def load_codec(self):
         if self.codec is None:
             return None
@@ -261,7 +270,8 @@ class Method:
 
 
 _REGISTRY: Dict[str, Method] = {}
-_BUILTINS = ("jlora.peft.lora", "jlora.peft.dora", "jlora.peft.ia3", "jlora.peft.saved")
+_BUILTINS = ("jlora.peft.lora", "jlora.peft.dora", "jlora.peft.ia3", "jlora.peft.saved", "jlora.peft.prefix",
+             "jlora.peft.prompt", "jlora.peft.bottleneck")
 
 
 def register(method: Method) -> Method:
