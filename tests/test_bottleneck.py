@@ -277,6 +277,12 @@ def test_dropout_and_stochastic_depth_only_while_training(models):
     assert n0.with_rng(jax.random.key(5)) is n0  # no randomness: no key
 
 
+def test_public_names():
+    assert jlora.bottleneck is BN and jlora.BnConfig is BnConfig and jlora.SeqBnConfig is SeqBnConfig
+    assert jlora.methods.get("adapter").config is BnConfig and not jlora.methods.get("adapter").mergeable
+    assert jlora.methods.get("adapter").load_file_format() is AH
+
+
 def test_merge_refuses_and_points_to_keeping_the_adapter(models):
     cfg, base, _ = models["gpt2"]
     tree = BN.init(jax.random.key(0), cfg, base, SeqBnConfig())
