@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import zipfile
 
 import jax
@@ -27,7 +26,6 @@ from jlora import loop, run, train
 from jlora.convert import adapterhub as AH
 from jlora.convert.stfile import SafetensorsFile, write_safetensors
 from jlora.convert.torchzip import load_torch_file
-from jlora.data import Batches
 from jlora.peft import bottleneck as BN
 from jlora.peft.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 
@@ -232,7 +230,8 @@ def test_init_distributions_and_shapes(models):
     bert = BN.adapters(BN.init(jax.random.key(0), cfg, base, DoubleSeqBnConfig(reduction_factor=2)))
     down = np.concatenate([np.asarray(n.down).ravel() for n in bert.values()])
     assert abs(down.std() - 0.02) < 0.003 and all(float(jnp.abs(n.up_bias).max()) == 0 for n in bert.values())
-    houlsby = BN.adapters(BN.init(jax.random.key(0), cfg, base, SeqBnConfig(init_weights="houlsby", reduction_factor=2)))
+    houlsby = BN.adapters(BN.init(jax.random.key(0), cfg, base,
+                                  SeqBnConfig(init_weights="houlsby", reduction_factor=2)))
     up = np.concatenate([np.asarray(n.up).ravel() for n in houlsby.values()])
     assert np.abs(up).max() <= 0.02 and 0.005 < up.std() < 0.01
     mam = BN.adapters(BN.init(jax.random.key(0), cfg, base, SeqBnConfig(init_weights="mam_adapter",
@@ -560,7 +559,8 @@ def test_bad_files_are_refused_clearly(models, good_llama, tmp_path):
     # another model
     bad(r"adapter_config.json: hidden_size is 32, expected 64 \(the model's hidden size\)",
         conf={**conf, "hidden_size": 32})
-    bad(r"adapter_config.json: model_type is 'gpt2', expected 'llama' or 'mistral'", conf={**conf, "model_type": "gpt2"})
+    bad(r"adapter_config.json: model_type is 'gpt2', expected 'llama' or 'mistral'",
+        conf={**conf, "model_type": "gpt2"})
     deeper = {**tensors, **{k.replace("layers.1.", "layers.2."): v for k, v in tensors.items() if ".layers.1." in k}}
     bad(r"adapter.safetensors: tensor model.layers.2.attention_adapters.adapters.good.adapter_down.0.bias is for "
         r"layer 2, but the model has 2 layers \(0...1\); the adapter was made for a model with more layers",

@@ -402,7 +402,8 @@ def _read_tensors(path: str) -> Dict[str, np.ndarray]:
     return load_torch_file(path)
 
 
-def _weights_file(adapter_dir: str, safe: str, pickled: str, what: str) -> Optional[str]:
+def _weights_file(adapter_dir: str, safe: str, pickled: str) -> Optional[str]:
+    """The safetensors file if there is one, else the pickle, else None."""
     for fname in (safe, pickled):
         p = os.path.join(adapter_dir, fname)
         if os.path.exists(p):
@@ -425,7 +426,7 @@ def _check_head(cfg: ModelConfig, base_params, adapter_dir: str) -> None:
             _fail(hconf_path, "the adapter carries a prediction head of AdapterHub's flex-head models "
                               f"(config {hconf.get('config') if isinstance(hconf, dict) else hconf!r}); jlora loads "
                               f"adapters onto the base model's own LM head and reads no other heads")
-    wpath = _weights_file(adapter_dir, SAFE_HEAD_WEIGHTS_NAME, HEAD_WEIGHTS_NAME, "head")
+    wpath = _weights_file(adapter_dir, SAFE_HEAD_WEIGHTS_NAME, HEAD_WEIGHTS_NAME)
     if wpath is None:
         return
     tensors = _read_tensors(wpath)
@@ -491,7 +492,7 @@ def load(cfg: ModelConfig, base_params, adapter_dir, *, dtype=jnp.float32):
     name = conf.get("name")
     if not isinstance(name, str) or not name:
         _fail(cpath, f"name is {name!r}, expected the adapter's name (its tensors are named after it)")
-    wpath = _weights_file(adapter_dir, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, "adapter")
+    wpath = _weights_file(adapter_dir, SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
     if wpath is None:
         raise FileNotFoundError(f"{adapter_dir}: no {SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME}")
     src = _read_tensors(wpath)
