@@ -6,7 +6,7 @@
 For each method -- the base, LoRA unmerged (r=8 on q, v), LoRA merged (the same adapter folded in), a bottleneck
 adapter (AdapterHub's seq_bn defaults), prefix tuning and prompt tuning (20 virtual tokens) -- greedy decoding with
 EOS disabled, so every run produces exactly --new-tokens tokens per sequence. jlora's decode is timed on its second
-call (compiled); the first call is reported as compile + run. ``--frameworks jlora,torch`` also times transformers +
+call (compiled; the fastest of --repeats rounds that call every method in turn); the first call is reported as compile + run. ``--frameworks jlora,torch`` also times transformers +
 PEFT's ``generate`` on the same methods (no bottleneck adapter: PEFT has none) in its own subprocess. Ratios are
 printed against each framework's own base, and jlora against torch per method.
 """
@@ -41,6 +41,18 @@ def _jlora_params(method, cfg, base):
     return jlora.merge(params) if method == "lora_merged" else params
 
 
+def _rounds(calls: dict, repeats: int) -> dict:
+    """{method: fastest seconds}: every method is called once per round, ``repeats`` rounds, so drift and other
+    work on the host (a shared CPU) hit all methods alike instead of whichever happened to run first."""
+    best = {m: float("inf") for m in calls}
+    for _ in range(repeats):
+        for m, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            best[m] = min(best[m], time.perf_counter() - t0)
+    return best
+
+
 def run_jlora(a):
     import jax
 
@@ -49,23 +61,22 @@ def run_jlora(a):
     cfg, base = jlora.load_pretrained(a.model)
     tok = jlora.load_tokenizer(a.model)
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True)
-    out = []
+    calls, first, counts = {}, {}, {}
     for method in a.methods.split(","):
         try:
             params = _jlora_params(method, cfg, base)
         except ValueError as e:  # e.g. a method not registered in this checkout
             print(f"jlora {method}: skipped ({e})", file=sys.stderr)
             continue
+        call = (lambda p=params: jlora.generate(cfg, p, [ids] * a.batch, a.new_tokens, eos_token_id=()))
         t0 = time.perf_counter()
-        jlora.generate(cfg, params, [ids] * a.batch, a.new_tokens, eos_token_id=())
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res = jlora.generate(cfg, params, [ids] * a.batch, a.new_tokens, eos_token_id=())
-        dt = time.perf_counter() - t0
-        n = sum(len(r) for r in res)
-        out.append({"framework": "jlora", "method": method, "decode_tok_s": n / dt, "generate_s": dt,
-                    "first_call_s": first, "new_tokens": n, "device": jax.devices()[0].device_kind})
-    return out
+        counts[method] = sum(len(r) for r in call())
+        first[method] = time.perf_counter() - t0
+        calls[method] = call
+    best = _rounds(calls, a.repeats)
+    return [{"framework": "jlora", "method": m, "decode_tok_s": counts[m] / best[m], "generate_s": best[m],
+             "first_call_s": first[m], "new_tokens": counts[m], "device": jax.devices()[0].device_kind}
+            for m in calls]
 
 
 def run_torch(a):
@@ -81,7 +92,7 @@ def run_torch(a):
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"].repeat(a.batch, 1)
-    out = []
+    calls, counts = {}, {}
     for method in a.methods.split(","):
         if method == "adapter":
             continue
@@ -98,15 +109,18 @@ def run_torch(a):
         model.eval()
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new_tokens,
                   min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0)
+
+        def call(model=model, kw=kw):
+            with torch.no_grad():
+                return model.generate(**kw)
+
         with torch.no_grad():
             model.generate(**{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-            t0 = time.perf_counter()
-            res = model.generate(**kw)
-            dt = time.perf_counter() - t0
-        n = (res.shape[1] - ids.shape[1]) * a.batch
-        out.append({"framework": "torch", "method": method, "decode_tok_s": n / dt, "generate_s": dt, "new_tokens": n,
-                    "device": "cpu"})
-    return out
+        counts[method] = a.new_tokens * a.batch
+        calls[method] = call
+    best = _rounds(calls, a.repeats)
+    return [{"framework": "torch", "method": m, "decode_tok_s": counts[m] / best[m], "generate_s": best[m],
+             "new_tokens": counts[m], "device": "cpu"} for m in calls]
 
 
 def main(argv=None):
@@ -117,6 +131,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="a .gguf file (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per method; the fastest counts")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--frameworks", default="jlora")
     p.add_argument("--json", default=None)
@@ -129,7 +144,7 @@ def main(argv=None):
     results = []
     for fw in a.frameworks.split(","):
         cmd = [sys.executable, __file__, "--single", fw, "--model", a.model, "--new-tokens", str(a.new_tokens),
-               "--batch", str(a.batch), "--methods", a.methods]
+               "--batch", str(a.batch), "--methods", a.methods, "--repeats", str(a.repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"{fw} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)

@@ -243,7 +243,8 @@ def save_adapter(cfg: ModelConfig, params, out_dir, mcfg=None, *, base_model_nam
     clash = sorted(set(tensors) & set(saved))
     if clash:
         _fail("save_adapter", f"tensor {clash[0]} is both an adapter tensor and a modules_to_save weight")
-    tensors = {PREFIX + k: v for k, v in {**tensors, **saved}.items()}
+    key_prefix = getattr(codec, "key_prefix", PREFIX)  # prompt-learning files name their tensors bare
+    tensors = {key_prefix + k: v for k, v in {**tensors, **saved}.items()}
     write_adapter_dir(out_dir, pconf, tensors, metadata)
 
 
