@@ -284,7 +284,8 @@ def merge(params):
         raise ValueError(f"merge: {where} is a {type(node).__name__} node of the {node.method!r} method, which "
                          f"changes the computation itself (extra keys/values, inputs or layers) and cannot be folded "
                          f"into the weights; keep it as an adapter instead: use it unmerged (jlora generate/eval "
-                         f"--adapter DIR) or write it with jlora export --format peft (save_adapter)")
+                         f"--adapter DIR) or write it as an adapter file with jlora export --format peft (save_adapter: PEFT's "
+                         f"format, AdapterHub's for bottleneck adapters)")
 
     def walk(node):
         if isinstance(node, dict):
