@@ -84,8 +84,11 @@ class Node:
         return self
 
     def logical_sizes(self):
-        """This node with every array replaced by the number of parameters it stands for (default: its size)."""
-        return jax.tree_util.tree_map(lambda x: int(np.prod(np.shape(x))), self)
+        """This node with every array replaced by the number of parameters it stands for (default: its size; a
+        wrapped node, e.g. a quantized base under LoRA, counts its own)."""
+        inner = lambda x: x is not self and is_node(x)  # noqa: E731
+        return jax.tree_util.tree_map(lambda x: x.logical_sizes() if inner(x) else int(np.prod(np.shape(x))),
+                                      self, is_leaf=inner)
 
 
 class KernelWrapper(Node):
