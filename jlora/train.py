@@ -173,6 +173,10 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, labels, 
     """
     if accum_steps < 1:
         raise ValueError(f"make_train_step: accum_steps must be >= 1, got {accum_steps}")
+    if all(l == T.FROZEN for l in jax.tree_util.tree_leaves(labels)):
+        bare = T.frozen_bases(labels)  # the label tree keeps the nodes: a bare quantized base shows here
+        raise ValueError(T.full_quantized_error(bare, "make_train_step") if bare else
+                         "make_train_step: nothing to train: every leaf of the label tree is 'frozen'")
 
     def loss_fn(trainable, frozen, micro, rng, total):
         params = with_rngs(T.combine(trainable, frozen, labels), rng)

@@ -153,6 +153,10 @@ def trainable_labels(params, mode: str = "auto"):
     if mode == "auto":
         mode = "adapters" if has_wrappers else "full"
     plain = FULL if mode == "full" else FROZEN
+    if mode == "full":
+        bare = frozen_bases(params)
+        if bare:
+            raise ValueError(full_quantized_error(bare, "trainable_labels(mode='full')"))
 
     def label(x):
         # A node labels its own adapter leaves and hands its base back to `label` (wrappers nest). A node may
@@ -160,6 +164,23 @@ def trainable_labels(params, mode: str = "auto"):
         return x.labels(label) if is_node(x) else plain
 
     return jax.tree_util.tree_map(label, params, is_leaf=is_node)
+
+
+def frozen_bases(params) -> List[str]:
+    """Dotted paths of kernels that are frozen bases with no adapter on them (nodes that strip to themselves,
+    e.g. quantized kernels from ``load_pretrained(quantize=...)``): they can never train."""
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0]:
+        if is_node(x) and x.strip() is x:
+            out.append(path_str(path))
+    return out
+
+
+def full_quantized_error(bare: Sequence[str], where: str) -> str:
+    return (f"{where}: full fine-tuning cannot train {bare[0]}" + (f" (and {len(bare) - 1} more)" if len(bare) > 1
+            else "") + ": it is a quantized base (the quantize= option of load_pretrained / "
+            "jlora.quant.quantize_params) whose codes never train; put LoRA on it (QLoRA: jlora.lora.init) or load "
+            "the model without quantize=")
 
 
 def split(params, labels) -> Tuple[object, object]:

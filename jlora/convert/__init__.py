@@ -7,13 +7,17 @@ import os
 import jax.numpy as jnp
 
 
-def load_pretrained(path, dtype=jnp.float32, allow_pickle: bool = False):
+def load_pretrained(path, dtype=jnp.float32, allow_pickle: bool = False, quantize=None):
     """Loads a pretrained model from a Hugging Face directory or a ``.gguf`` file.
 
     Args:
       path: an HF model directory (config.json + safetensors) or a GGUF file (Llama architecture).
       dtype: parameter dtype (float32 by default; bfloat16 to halve the memory of a frozen base).
       allow_pickle: accept ``pytorch_model.bin`` (pickle can run code; needs torch).
+      quantize: ``None``, ``"nf4"``, ``"fp4"``, ``"int8"`` or a `jlora.quant.QuantConfig` (or a dict of its
+        fields): the linear layers (all but ``lm_head`` by default) become frozen quantized bases, bitsandbytes'
+        format (`jlora.quant`); an HF checkpoint is quantized one matrix at a time as it is read (after the cast
+        to ``dtype``, as transformers does), a GGUF file after loading. Put LoRA on top for QLoRA.
 
     Returns:
       ``(ModelConfig, params)``.
@@ -25,21 +29,33 @@ def load_pretrained(path, dtype=jnp.float32, allow_pickle: bool = False):
       ('llama', 2, (64, 128))
       >>> jlora.load_pretrained(gguf_path)[0].d_model  # a llama.cpp file, e.g. jlora.default_model_path()
       64
+      >>> _, qparams = jlora.load_pretrained(f"{tmp}/tiny-hf", quantize="nf4")  # QLoRA's base
+      >>> type(qparams["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]).__name__
+      'Quant4bit'
     """
     path = os.fspath(path)
+    if quantize is not None:
+        from jlora.quant import QuantConfig
+
+        quantize = QuantConfig.of(quantize)
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such GGUF file")
         from jlora.convert.gguf import load_gguf
 
-        return load_gguf(path, dtype=dtype)
+        cfg, params = load_gguf(path, dtype=dtype)
+        if quantize is not None:
+            from jlora.quant import quantize_params
+
+            params = quantize_params(cfg, params, quantize)
+        return cfg, params
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model directory or .gguf file")
     if os.path.isfile(path):
         raise ValueError(f"{path}: expected a Hugging Face model directory or a .gguf file")
     from jlora.convert.hf import load_hf
 
-    return load_hf(path, dtype=dtype, allow_pickle=allow_pickle)
+    return load_hf(path, dtype=dtype, allow_pickle=allow_pickle, quantize=quantize)
 
 
 def save_pretrained(cfg, params, out_dir, dtype=None) -> None:

@@ -187,7 +187,7 @@ def _get(getter) -> np.ndarray:
     return src[key] if isinstance(src, dict) else src.get(key)
 
 
-def load_hf(path: str, dtype=jnp.float32, allow_pickle: bool = False):
+def load_hf(path: str, dtype=jnp.float32, allow_pickle: bool = False, quantize=None):
     """Loads a Hugging Face GPT-2 or Llama-family checkpoint directory.
 
     Args:
@@ -195,6 +195,7 @@ def load_hf(path: str, dtype=jnp.float32, allow_pickle: bool = False):
         ``model.safetensors.index.json``). Keys may carry the ``transformer.``/``model.`` prefix or not.
       dtype: parameter dtype (float32 default; bfloat16 halves memory for a frozen base).
       allow_pickle: also accept ``pytorch_model.bin`` (needs torch; pickle can run code).
+      quantize: a `jlora.quant.QuantConfig` (or None): its linear kernels are quantized one at a time as read.
 
     Returns:
       ``(ModelConfig, params)``.
@@ -255,8 +256,18 @@ def load_hf(path: str, dtype=jnp.float32, allow_pickle: bool = False):
                              f"for this config.json")
         if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16):
             raise ValueError(f"{path}: tensor {hf_key} has non-float dtype {arr.dtype}")
+        module = ".".join(names[:-1])
+        if qcfg is not None and names[-1] == "kernel" and qcfg.selects(module):
+            # Quantized on the host from the value transformers would quantize (the weight cast to dtype); no
+            # float copy of this matrix goes to the device.
+            return quantize_kernel(np.asarray(arr, np.float32).astype(target).astype(np.float32), qcfg, module)
         return jnp.asarray(arr if arr.dtype == target else np.asarray(arr, np.float32), dtype=target)
 
+    qcfg = None
+    if quantize is not None:
+        from jlora.quant import QuantConfig, quantize_kernel
+
+        qcfg = QuantConfig.of(quantize)
     params = jax.tree_util.tree_map_with_path(leaf, shapes, is_leaf=_is_shape)
     return cfg, params
 
