@@ -19,12 +19,16 @@ from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul, merge
 from jlora.model import apply, forward, init_cache, init_params, lm_head, param_shapes
 from jlora.model_path import DEFAULT_MODEL, default_model_path, find_default_model, resolve_model
 from jlora.peft import base as methods
-from jlora.peft import bottleneck, dora, ia3, lora
+from jlora.peft import bottleneck, dora, ia3, lora, prefix, prompt
 from jlora.peft.base import strip
 from jlora.peft.bottleneck import Bottleneck, BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from jlora.peft.dora import DoRA, DoraConfig
 from jlora.peft.ia3 import IA3, IA3Config
 from jlora.peft.lora import LoRA, LoraConfig
+from jlora.peft.prefix import Prefix, PrefixConfig
+from jlora.peft.prompt import Prompt, PromptConfig
+from jlora import quant
+from jlora.quant import Int8, Quant4bit, QuantConfig, quantize_params
 from jlora.tokenizer import Tokenizer, load_tokenizer
 from jlora.tree import combine, format_report, param_report, split, trainable_labels
 

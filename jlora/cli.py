@@ -129,7 +129,8 @@ def cmd_train(a):
 def _overrides(a):
     out = list(a.set or [])
     for flag, key in (("model", "model.path"), ("data", "data.train"), ("run_dir", "run.dir"),
-                      ("steps", "run.steps"), ("method", "method.kind"), ("mesh", "run.mesh")):
+                      ("steps", "run.steps"), ("method", "method.kind"), ("mesh", "run.mesh"),
+                      ("quantize", "model.quantize")):
         value = getattr(a, flag, None)
         if value is not None:
             out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default=None, metavar="KIND",
                    help="shortcut for --set method.kind=KIND: adapter | dora | ia3 | lora | prefix | prompt | full "
                         "(method options go in [method])")
+    t.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8"],
+                   help="shortcut for --set model.quantize=...: a quantized frozen base (with --method lora: QLoRA; "
+                        "full fine-tuning of a quantized base is refused)")
     t.add_argument("--mesh", default=None, metavar="SPEC",
                    help="device mesh, e.g. data=4,fsdp=2 or fsdp=-1 (axes data, fsdp, tensor; shortcut for "
                         "--set run.mesh=...); a run may resume on another mesh")

@@ -5,6 +5,8 @@
     dtype = "float32"           # compute dtype: float32 | bfloat16
     base_dtype = "float32"      # storage of the frozen base in a LoRA run: float32 | bfloat16
     remat = false
+    quantize = ""               # "" | "nf4" | "fp4" | "int8": a quantized frozen base (QLoRA with LoRA), or a table
+                                #   of jlora.quant.QuantConfig fields; full fine-tuning of it is refused
 
     [method]
     kind = "lora"               # adapter | dora | ia3 | lora | prefix | prompt | full (jlora.peft.base.kinds())
@@ -48,7 +50,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "model": {"path": "smollm2", "dtype": "float32", "base_dtype": "float32", "remat": False},
+    "model": {"path": "smollm2", "dtype": "float32", "base_dtype": "float32", "remat": False, "quantize": ""},
     "method": {"kind": "lora"},  # plus the fields of the method's config (checked by `method_config`)
     "data": {"train": None, "eval": None, "eval_fraction": 0.0, "seq_len": 256, "batch_size": 8,
              "eval_batch_size": None, "accum_steps": 1, "pack": True, "overflow": "truncate", "seed": 0},
@@ -159,6 +161,17 @@ def _validate(c, src):
     for sec, key in (("model", "dtype"), ("model", "base_dtype")):
         if c[sec][key] not in ("float32", "bfloat16"):
             raise ValueError(f"{src}: {sec}.{key} must be float32 or bfloat16, got {c[sec][key]!r}")
+    if c["model"]["quantize"]:
+        from jlora.quant import QuantConfig
+
+        try:
+            QuantConfig.of(c["model"]["quantize"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{src}: model.quantize: {e}") from None
+        if kind == "full":
+            raise ValueError(f"{src}: model.quantize {c['model']['quantize']!r} with method.kind 'full': a quantized "
+                             f"base is frozen; train an adapter on it (e.g. method.kind = \"lora\": QLoRA) or drop "
+                             f"model.quantize")
     if c["run"]["mesh"]:
         from jlora.parallel import parse_mesh_spec
 
@@ -201,20 +214,28 @@ def build_model(c, log=print):
     from jlora.model_path import resolve_model
 
     spec = c["model"]["path"]
+    quantize = c["model"].get("quantize") or None
     if spec in jlora.PRESETS:
         cfg = jlora.preset(spec)
         params = jlora.init_params(cfg, jax.random.key(c["run"]["seed"]))
         path = None
+        if quantize:
+            from jlora.quant import QuantConfig, quantize_params
+
+            params = quantize_params(cfg, params, QuantConfig.of(quantize))
     else:
         path = resolve_model(spec)
-        cfg, params = jlora.load_pretrained(path)
+        cfg, params = jlora.load_pretrained(path, quantize=quantize)
     cfg = cfg.replace(dtype=c["model"]["dtype"], remat=bool(c["model"]["remat"]))
     from jlora.peft import base as B
 
     method = B.get(c["method"]["kind"])
     if method.kind != "full":  # a parameter-efficient method: the base is frozen and may be stored narrower
         if c["model"]["base_dtype"] != "float32":
-            params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(c["model"]["base_dtype"])), params)
+            from jlora.kernels import is_node
+
+            bd = jnp.dtype(c["model"]["base_dtype"])  # plain leaves only: a quantized kernel keeps its codes
+            params = jax.tree_util.tree_map(lambda x: x if is_node(x) else x.astype(bd), params, is_leaf=is_node)
         mcfg = method_config(c)
         if getattr(mcfg, "tokenizer_name_or_path", "") is None and path is not None:
             mcfg = mcfg.replace(tokenizer_name_or_path=path)  # e.g. prompt tuning from a text: the model's own

@@ -227,3 +227,29 @@ def test_train_prefix_and_prompt_then_generate_and_refuse_merge(model_dir, tmp_p
     again = jlora.load_adapter(cfg, base, tmp_path / "exported")
     toks = np.asarray([[1, 5, 9, 14, 3]], np.int32)
     np.testing.assert_allclose(jlora.apply(cfg, again, toks), jlora.apply(cfg, params, toks), atol=0)
+
+
+def test_qlora_from_the_command_line_and_full_on_a_quantized_base_refused(model_dir, tmp_path, capsys):
+    """--quantize nf4 with LoRA (QLoRA): the base's linear kernels are 4-bit during training and the adapter
+    applies to the float base; full fine-tuning of a quantized base is refused naming the option."""
+    from jlora.quant import Quant4bit
+
+    c = run.load_config(None, ["run.dir=x", "data.train=y", 'model.quantize="nf4"'])
+    _, cfg, params = run.build_model({**c, "model": {**c["model"], "path": str(model_dir)}}, log=lambda *_: None)
+    kernel = params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(kernel.base, Quant4bit)  # LoRA(NF4(W))
+    run_dir = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(model_dir / "train.jsonl"), "--run-dir",
+                 str(run_dir), "--quantize", "nf4", "--steps", "2", "--no-progress", "--set", "data.seq_len=16",
+                 "--set", "data.batch_size=4", "--set", "data.eval_fraction=0.25"]) == 0
+    cfg, base = jlora.load_pretrained(model_dir)
+    tuned = jlora.load_adapter(cfg, base, run_dir / "adapter")
+    assert jlora.methods.methods_in(tuned) == [jlora.methods.get("lora")]
+    capsys.readouterr()
+    assert main(["train", "--model", str(model_dir), "--data", str(model_dir / "train.jsonl"), "--run-dir",
+                 str(tmp_path / "full"), "--quantize", "nf4", "--method", "full", "--steps", "1",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "model.quantize 'nf4' with method.kind 'full'" in err and "QLoRA" in err
+    with pytest.raises(ValueError, match=r"model.quantize: .*"):
+        run.load_config(None, ["run.dir=x", "data.train=y", 'model.quantize="nf3"'])
