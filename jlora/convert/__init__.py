@@ -18,6 +18,8 @@ def load_pretrained(path, dtype=jnp.float32, allow_pickle: bool = False, quantiz
         fields): the linear layers (all but ``lm_head`` by default) become frozen quantized bases, bitsandbytes'
         format (`jlora.quant`); an HF checkpoint is quantized one matrix at a time as it is read (after the cast
         to ``dtype``, as transformers does), a GGUF file after loading. Put LoRA on top for QLoRA.
+        ``"gguf"`` (GGUF files only): keep the file's Q4_0 / Q4_1 / Q8_0 matrices and embedding quantized as
+        they are stored (`jlora.quant_gguf`; ``dtype`` applies to the plain tensors), for LoRA on that base.
 
     Returns:
       ``(ModelConfig, params)``.
@@ -34,6 +36,12 @@ def load_pretrained(path, dtype=jnp.float32, allow_pickle: bool = False, quantiz
       'Quant4bit'
     """
     path = os.fspath(path)
+    keep_gguf = isinstance(quantize, str) and quantize == "gguf"
+    if keep_gguf:
+        quantize = None
+        if not path.endswith(".gguf"):
+            raise ValueError(f"{path}: quantize='gguf' keeps the quantized tensors of a .gguf file; this is not one "
+                             f"(use quantize='nf4', 'fp4' or 'int8')")
     if quantize is not None:
         from jlora.quant import QuantConfig
 
@@ -43,7 +51,7 @@ def load_pretrained(path, dtype=jnp.float32, allow_pickle: bool = False, quantiz
             raise FileNotFoundError(f"{path}: no such GGUF file")
         from jlora.convert.gguf import load_gguf
 
-        cfg, params = load_gguf(path, dtype=dtype)
+        cfg, params = load_gguf(path, dtype=dtype, keep_quantized=keep_gguf)
         if quantize is not None:
             from jlora.quant import quantize_params
 

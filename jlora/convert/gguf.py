@@ -110,6 +110,7 @@ def key_table(cfg: ModelConfig) -> List[TensorEntry]:
 # ggml type name -> (block size in values, block size in bytes)
 _BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}
 SUPPORTED_TYPES = tuple(_BLOCKS)
+_KEEP = ("Q4_0", "Q4_1", "Q8_0")  # the block types `jlora.quant_gguf` keeps quantized (load_gguf(keep_quantized=True))
 
 
 def _half(blocks: np.ndarray, col: int) -> np.ndarray:
@@ -362,13 +363,16 @@ def _to_jlora(w: np.ndarray, entry: TensorEntry, head_dim: int, dtype) -> np.nda
     return np.ascontiguousarray(w, dtype=dtype).reshape(entry.shape)
 
 
-def load_gguf(path, dtype=jnp.float32) -> Tuple[ModelConfig, dict]:
+def load_gguf(path, dtype=jnp.float32, keep_quantized: bool = False) -> Tuple[ModelConfig, dict]:
     """Loads a Llama-architecture GGUF file (llama.cpp format) as a jlora config and parameter tree.
 
     Args:
       path: the ``.gguf`` file.
       dtype: parameter dtype (float32 by default; bfloat16 halves memory). Quantized tensors are dequantized
         to float32 first, then cast once.
+      keep_quantized: keep Q4_0 / Q4_1 / Q8_0 projection and embedding tensors quantized, as frozen
+        `jlora.quant_gguf` wrappers (``load_pretrained(quantize="gguf")``); their ``materialize()`` equals the
+        float32 load bit for bit. Plain tensors, norms and biases load as above; other quantized types raise.
 
     Returns:
       ``(ModelConfig, params)``; the tree matches `jlora.model.param_shapes` and Hugging Face's Llama layout.
@@ -416,6 +420,13 @@ def load_gguf(path, dtype=jnp.float32) -> Tuple[ModelConfig, dict]:
 
     def convert(job):
         entry, t, type_name, shape = job
+        if keep_quantized and type_name in _KEEP and entry.path[-1] in ("kernel", "embedding"):
+            from jlora.quant_gguf import from_gguf_rows
+
+            try:
+                return from_gguf_rows(t.data, type_name, shape, kernel=entry.transpose, rope_heads=entry.rope_heads)
+            except ValueError as e:
+                raise ValueError(f"{path}: tensor {entry.gguf_name}: {e}") from None
         try:
             w = dequantize(t.data, type_name, shape)
         except ValueError as e:
