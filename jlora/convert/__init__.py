@@ -17,7 +17,9 @@ def load_pretrained(path, dtype=jnp.float32, allow_pickle: bool = False, quantiz
       quantize: ``None``, ``"nf4"``, ``"fp4"``, ``"int8"`` or a `jlora.quant.QuantConfig` (or a dict of its
         fields): the linear layers (all but ``lm_head`` by default) become frozen quantized bases, bitsandbytes'
         format (`jlora.quant`); an HF checkpoint is quantized one matrix at a time as it is read (after the cast
-        to ``dtype``, as transformers does), a GGUF file after loading. Put LoRA on top for QLoRA.
+        to ``dtype``, as transformers does), a GGUF file after loading. Put LoRA on top for QLoRA. A checkpoint
+        transformers saved with bitsandbytes 4-bit (NF4/FP4) or 8-bit loads as it is, staying quantized
+        (`jlora.convert.hf.load_hf`); ``quantize`` must then be None.
         ``"gguf"`` (GGUF files only): keep the file's Q4_0 / Q4_1 / Q8_0 matrices and embedding quantized as
         they are stored (`jlora.quant_gguf`; ``dtype`` applies to the plain tensors), for LoRA on that base.
 
