@@ -61,9 +61,13 @@ def run_jlora(a) -> dict:
     if a.model in jlora.PRESETS:
         cfg = jlora.preset(a.model)
         params = jlora.init_params(cfg, jax.random.key(0))
-    else:
-        cfg, params = jlora.load_pretrained(a.model)
+    else:  # a quantized frozen base (QLoRA) is quantized as it loads ("gguf": the file's own blocks kept)
+        cfg, params = jlora.load_pretrained(a.model, quantize=a.quantize)
     cfg = cfg.replace(dtype=a.dtype, remat=a.remat, attention=a.attention)
+    if a.quantize and a.model in jlora.PRESETS:
+        from jlora.quant import quantize_params
+
+        params = quantize_params(cfg, params, a.quantize)
     if a.method != "full":
         from jlora.peft import base as B
 
@@ -191,6 +195,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--frozen-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--quantize", default=None, help="jlora only: nf4 | fp4 | int8 | gguf frozen base (QLoRA)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     p.add_argument("--methods", default="lora,full", help="comma list of lora, dora, ia3, prefix, prompt, adapter, full")
     p.add_argument("--frameworks", default="jlora,torch")
@@ -204,7 +209,7 @@ def main(argv=None):
     results = []
     for method in a.methods.split(","):
         for fw in a.frameworks.split(","):
-            if fw == "torch" and method == "adapter":
+            if fw == "torch" and (method == "adapter" or a.quantize):
                 continue  # bottleneck adapters are AdapterHub's, not PEFT's: jlora's numbers only
             cmd = [sys.executable, __file__, "--single", f"{fw}:{method}"] + [
                 x for x in (argv if argv is not None else sys.argv[1:])]
