@@ -28,14 +28,14 @@ TOKENS = np.random.default_rng(0).integers(0, 128, (2, 12)).astype(np.int32)
 KIND = {"llama": dict(intermediate_size=128), "gpt2": dict(n_embd=64)}  # dims multiples of 64 (see test_quant)
 
 
-def _write(tmp_path, kind, name, **bnb):
+def _write(tmp_path, kind, name, shard=None, **bnb):
     """(transformers' float model, dir of the bnb-quantized checkpoint transformers saved from it)."""
     base = tmp_path / f"{kind}-base"
     if not base.exists():
         make_hf_model(kind, **KIND[kind]).save_pretrained(base)
     qm = transformers.AutoModelForCausalLM.from_pretrained(
         base, quantization_config=transformers.BitsAndBytesConfig(**bnb), device_map="cpu", dtype=torch.float32)
-    qm.save_pretrained(tmp_path / name)
+    qm.save_pretrained(tmp_path / name, **({"max_shard_size": shard} if shard else {}))
     fp = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     return fp, qm.eval(), tmp_path / name
 
@@ -43,14 +43,16 @@ def _write(tmp_path, kind, name, **bnb):
 def _dequantized_by_bnb(qdir):
     """{HF module: bnb's float32 dequantization of the file's state} (QuantState.from_dict, as transformers
     restores it, before any forward: bnb's CPU forward repacks the state with bfloat16 absmax)."""
-    sd = safetensors_torch.load_file(os.path.join(qdir, "model.safetensors"))
+    sd = {}
+    for f in sorted(f for f in os.listdir(qdir) if f.endswith(".safetensors")):  # one file or shards
+        sd.update(safetensors_torch.load_file(os.path.join(qdir, f)))
     out = {}
     for key in sd:
         if ".weight.quant_state.bitsandbytes__" in key:
             m = key.split(".weight.quant_state.")[0]
             qs = bnb_F.QuantState.from_dict({k[len(m) + 8:]: v for k, v in sd.items()
                                              if k.startswith(m + ".weight.")}, device=torch.device("cpu"))
-            out[m] = bnb_F.dequantize_4bit(sd[m + ".weight"], qs).float().numpy()
+            out[m] = bnb_F.dequantize_4bit(sd[m + ".weight"].view(torch.uint8), qs).float().numpy()
     return out, sd
 
 
@@ -101,9 +103,17 @@ def test_bnb_4bit_checkpoint_loads_with_transformers_logits(tmp_path, kind, quan
 
 
 def test_skip_modules_stay_float_and_lora_trains_on_the_4bit_base(tmp_path):
-    _, _, qdir = _write(tmp_path, "llama", "q4", load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                        bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["lm_head", "down_proj"])
+    """Also a sharded checkpoint whose packed codes are stored as bfloat16 (``bnb_4bit_quant_storage``: the same
+    bytes viewed as another dtype, as FSDP-QLoRA recipes save them)."""
+    _, _, qdir = _write(tmp_path, "llama", "q4", shard="100KB", load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                        bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["lm_head", "down_proj"],
+                        bnb_4bit_quant_storage=torch.bfloat16)
+    assert (qdir / "model.safetensors.index.json").exists()
     cfg, params = jlora.load_pretrained(qdir)
+    deq, _ = _dequantized_by_bnb(qdir)
+    assert len(deq) == 2 * 6  # all but down_proj (and lm_head)
+    for n, w in deq.items():
+        np.testing.assert_array_equal(np.asarray(jlora.tree.get_module(params, n)["kernel"].materialize()).T, w)
     kinds = {n: type(k).__name__ for n, k in jlora.tree.linear_modules(params).items()}
     assert kinds["model.layers.1.mlp.down_proj"] == kinds["lm_head"] == "ArrayImpl"
     assert kinds["model.layers.1.mlp.up_proj"] == "Quant4bit"
@@ -123,6 +133,9 @@ def test_skip_modules_stay_float_and_lora_trains_on_the_4bit_base(tmp_path):
     k = jlora.tree.get_module(state.params, "model.layers.0.self_attn.q_proj")["kernel"]
     assert isinstance(k.base, Q.Quant4bit) and k.base.codes.dtype == jnp.uint8
     assert np.abs(np.asarray(k.b)).max() > 0  # LoRA moved
+    merged = jlora.merge(state.params)  # LoRA folded into the dequantized base: a plain float tree
+    assert all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(merged))
+    np.testing.assert_allclose(jlora.apply(cfg, merged, TOKENS), jlora.apply(cfg, state.params, TOKENS), atol=2e-5)
 
 
 def test_bnb_8bit_checkpoint_loads_as_int8(tmp_path):
