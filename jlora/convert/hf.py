@@ -216,7 +216,12 @@ def _file_of(getter) -> str:
 
 def bnb_quant_mode(hf_cfg: dict, path: str) -> Optional[str]:
     """``None`` (no quantization_config), ``"4bit"`` or ``"8bit"`` for a bitsandbytes checkpoint; anything else
-    raises ValueError naming the option."""
+    raises ValueError naming the option.
+
+    Example:
+      >>> bnb_quant_mode({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, "c.json")
+      '4bit'
+    """
     qc = hf_cfg.get("quantization_config")
     if not qc:
         return None
@@ -282,7 +287,7 @@ def load_bnb_4bit(getters, keymap, module: str, in_out, used: set):
     n = n_in * n_out
     nb = -(-n // bs)
     codes, fname = _bnb_tensor(getters, keymap, module + ".weight", module, "packed 4-bit codes")
-    if not (codes.dtype == np.uint8 or codes.dtype.itemsize in (1, 2, 4)):
+    if codes.dtype.name not in ("uint8", "int8", "float16", "bfloat16", "float32"):
         raise ValueError(f"{fname}: tensor {keymap[module + '.weight']} has dtype {codes.dtype}, expected uint8 "
                          "packed codes")
     codes = np.ascontiguousarray(codes).view(np.uint8).reshape(-1)  # bnb_4bit_quant_storage is a byte view
