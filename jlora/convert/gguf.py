@@ -2,7 +2,9 @@
 
 A GGUF file holds metadata (``llama.block_count``, ``tokenizer.ggml.eos_token_id``, ...) and tensors that are
 plain (F32, F16, BF16) or block-quantized (Q8_0, Q4_0, Q4_1 are supported here; other types raise ValueError).
-Loading dequantizes every tensor to float32 with vectorized numpy, then casts once to the requested dtype.
+Loading dequantizes every tensor to float32 with vectorized numpy, then casts once to the requested dtype;
+with ``keep_quantized=True`` the Q8_0 / Q4_0 / Q4_1 projections and embedding stay as stored instead
+(`jlora.quant_gguf`, ``load_pretrained(path, quantize="gguf")``: LoRA on a GGUF-quantized base).
 
 Three layout facts matter, all handled next to the key table below:
 
