@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import jlora
+from conftest import sharded_equals_one_device
 from jlora import loop, run, train
 from jlora.convert import adapterhub as AH
 from jlora.convert.stfile import SafetensorsFile, write_safetensors
@@ -404,43 +405,12 @@ def test_run_lowers_the_demo_loss_trains_only_the_adapters_and_resumes(demo_mode
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_sharded_training_equals_one_device():
-    from jlora import parallel
-
-    cfg = TINY
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(2):
-        ids = rng.integers(0, cfg.vocab_size, (8, 17), dtype=np.int32)
-        attn = np.ones((8, 17), np.int32)
-        attn[1, -5:] = 0
-        batches.append({"input_ids": ids, "attention_mask": attn, "loss_mask": attn})
-
     def setup():
         params = _train_params()
         labels = jlora.trainable_labels(params)
         return params, labels, train.make_optimizer(labels, 1e-2, weight_decay=0.01, eps=1e-4)
 
-    params, labels, tx = setup()
-    state = train.init_state(params, tx, 0)
-    step = jax.jit(train.make_train_step(cfg, tx, labels, max_grad_norm=1.0))
-    ref_losses = []
-    for b in batches:
-        state, m = step(state, b)
-        ref_losses.append(float(m["loss"]))
-    ref_params = jax.device_get(state.params)
-
-    params, labels, tx = setup()
-    mesh = parallel.make_mesh("data=2,fsdp=2,tensor=2")
-    sstate, shardings = parallel.init_sharded_state(params, tx, mesh, 0)
-    sstep = parallel.make_sharded_train_step(cfg, tx, labels, mesh, shardings, max_grad_norm=1.0)
-    losses = []
-    for b in batches:
-        sstate, m = sstep(sstate, parallel.global_batch(b, mesh))
-        losses.append(float(m["loss"]))
-    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, atol=1e-6)
-    for (path, r), x in zip(jax.tree_util.tree_leaves_with_path(ref_params), jax.tree_util.tree_leaves(sstate.params)):
-        np.testing.assert_allclose(np.asarray(jax.device_get(x)), r, rtol=1e-5, atol=1e-5,
-                                   err_msg=jax.tree_util.keystr(path))
+    sstate = sharded_equals_one_device(TINY, setup)
     moved = BN.adapters(sstate.params)["transformer.h.0.hooks.attn_out"]
     assert float(jnp.abs(jax.device_get(moved.scaling) - 1.0).max()) > 0  # the learned scaling trained
 

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 import optax  # noqa: E402
 
 import jlora  # noqa: E402
-from conftest import hf_logits, make_hf_model  # noqa: E402
+from conftest import hf_logits, make_hf_model, sharded_equals_one_device  # noqa: E402
 from jlora import loop, train  # noqa: E402
 from jlora.convert.stfile import SafetensorsFile, write_safetensors  # noqa: E402
 from jlora.data import Batches  # noqa: E402
@@ -267,44 +267,13 @@ def test_fit_trains_only_the_vectors_and_resumes_exactly(tmp_path):
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_sharded_training_equals_one_device_and_vectors_follow_their_base():
-    from jlora import parallel
-
-    cfg = TINY_GPT2
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(3):
-        ids = rng.integers(0, cfg.vocab_size, (8, 17), dtype=np.int32)
-        attn = np.ones((8, 17), np.int32)
-        attn[1, -5:] = 0
-        batches.append({"input_ids": ids, "attention_mask": attn, "loss_mask": attn})
-
     def setup():
         params = _train_params()
         labels = jlora.trainable_labels(params)
         # eps 1e-4 as tests/test_parallel.py: Adam's first steps would turn rounding noise into lr-sized steps
         return params, labels, train.make_optimizer(labels, 1e-2, weight_decay=0.01, eps=1e-4)
 
-    params, labels, tx = setup()
-    state = train.init_state(params, tx, 0)
-    step = jax.jit(train.make_train_step(cfg, tx, labels, max_grad_norm=1.0))
-    ref_losses = []
-    for b in batches:
-        state, m = step(state, b)
-        ref_losses.append(float(m["loss"]))
-    ref = jax.device_get(state.params)
-
-    params, labels, tx = setup()
-    mesh = parallel.make_mesh("data=2,fsdp=2,tensor=2")
-    sstate, shardings = parallel.init_sharded_state(params, tx, mesh, 0)
-    sstep = parallel.make_sharded_train_step(cfg, tx, labels, mesh, shardings, max_grad_norm=1.0)
-    losses = []
-    for b in batches:
-        sstate, m = sstep(sstate, parallel.global_batch(b, mesh))
-        losses.append(float(m["loss"]))
-    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, atol=1e-6)
-    for (path, r), x in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves(sstate.params)):
-        np.testing.assert_allclose(np.asarray(jax.device_get(x)), r, rtol=1e-5, atol=1e-5,
-                                   err_msg=jax.tree_util.keystr(path))
+    sstate = sharded_equals_one_device(TINY_GPT2, setup, n_batches=3)
 
     # every vector is sharded like the axis it scales: the output axis, or the input axis when feed-forward
     sharded = 0
