@@ -29,6 +29,7 @@ from jlora.peft.prefix import Prefix, PrefixConfig
 from jlora.peft.prompt import Prompt, PromptConfig
 from jlora import quant
 from jlora.quant import Int8, Quant4bit, QuantConfig, quantize_params
+from jlora.quant_gguf import GGUFQuant, GGUFQuantLeaf
 from jlora.tokenizer import Tokenizer, load_tokenizer
 from jlora.tree import combine, format_report, param_report, split, trainable_labels
 

@@ -222,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default=None, metavar="KIND",
                    help="shortcut for --set method.kind=KIND: adapter | dora | ia3 | lora | prefix | prompt | full "
                         "(method options go in [method])")
-    t.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8"],
+    t.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8", "gguf"],
                    help="shortcut for --set model.quantize=...: a quantized frozen base (with --method lora: QLoRA; "
-                        "full fine-tuning of a quantized base is refused)")
+                        "gguf keeps a .gguf file's own Q4_0/Q4_1/Q8_0 blocks; full fine-tuning of a quantized "
+                        "base is refused)")
     t.add_argument("--mesh", default=None, metavar="SPEC",
                    help="device mesh, e.g. data=4,fsdp=2 or fsdp=-1 (axes data, fsdp, tensor; shortcut for "
                         "--set run.mesh=...); a run may resume on another mesh")

@@ -5,7 +5,8 @@
     dtype = "float32"           # compute dtype: float32 | bfloat16
     base_dtype = "float32"      # storage of the frozen base in a LoRA run: float32 | bfloat16
     remat = false
-    quantize = ""               # "" | "nf4" | "fp4" | "int8": a quantized frozen base (QLoRA with LoRA), or a table
+    quantize = ""               # "" | "nf4" | "fp4" | "int8" | "gguf" (keep a GGUF file's Q4_0/Q4_1/Q8_0 blocks):
+                                #   a quantized frozen base (QLoRA with LoRA), or a table
                                 #   of jlora.quant.QuantConfig fields; full fine-tuning of it is refused
 
     [method]
@@ -165,7 +166,8 @@ def _validate(c, src):
         from jlora.quant import QuantConfig
 
         try:
-            QuantConfig.of(c["model"]["quantize"])
+            if c["model"]["quantize"] != "gguf":  # "gguf": keep a .gguf file's own blocks (checked when loading)
+                QuantConfig.of(c["model"]["quantize"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"{src}: model.quantize: {e}") from None
         if kind == "full":
@@ -219,6 +221,8 @@ def build_model(c, log=print):
         cfg = jlora.preset(spec)
         params = jlora.init_params(cfg, jax.random.key(c["run"]["seed"]))
         path = None
+        if quantize == "gguf":
+            raise ValueError(f"model.quantize 'gguf' keeps the blocks of a .gguf file; {spec!r} is a preset")
         if quantize:
             from jlora.quant import QuantConfig, quantize_params
 

@@ -253,3 +253,20 @@ def test_qlora_from_the_command_line_and_full_on_a_quantized_base_refused(model_
     assert "model.quantize 'nf4' with method.kind 'full'" in err and "QLoRA" in err
     with pytest.raises(ValueError, match=r"model.quantize: .*"):
         run.load_config(None, ["run.dir=x", "data.train=y", 'model.quantize="nf3"'])
+
+
+def test_lora_on_the_gguf_blocks_of_the_real_model(smollm2_gguf, tmp_path):
+    """model.quantize = "gguf": the base keeps SmolLM2's Q4_1 blocks (about its file size), LoRA trains on it."""
+    from jlora.quant_gguf import GGUFQuant
+
+    c = run.load_config(None, ["run.dir=x", "data.train=y", f'model.path="{smollm2_gguf}"', 'model.quantize="gguf"',
+                               'method.target_modules=["q_proj"]'])
+    _, cfg, params = run.build_model(c, log=lambda *_: None)
+    assert isinstance(params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].base, GGUFQuant)
+    import jax
+
+    nbytes = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(params))
+    assert nbytes < 1.05 * os.path.getsize(smollm2_gguf)  # not the 538 MB of a float32 base
+    with pytest.raises(ValueError, match="model.quantize 'gguf' keeps the blocks of a .gguf file"):
+        run.build_model(run.load_config(None, ["run.dir=x", "data.train=y", 'model.path="tiny-llama"',
+                                               'model.quantize="gguf"']), log=lambda *_: None)
