@@ -174,3 +174,17 @@ def test_smollm2_base_stays_about_its_file_size(smollm2, smollm2_gguf):
         np.testing.assert_array_equal(np.asarray(k.materialize()), np.asarray(jlora.tree.get_module(fp, name)["kernel"]))
     emb = qp["model"]["embed_tokens"]["embedding"]
     assert isinstance(emb, GGUFQuantLeaf) and emb.qtype == "Q8_0"
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_gguf_to_nf4_quantizes_as_it_reads_equal_to_quantizing_after(q4_1, quant):
+    """load_pretrained(.gguf, quantize="nf4"|"int8") quantizes each matrix as it is read (no float copy of the
+    whole model beside the quantized one) and gives bitwise what quantize_params gives on the float load."""
+    from jlora.quant import quantize_params
+
+    path, cfg, _, fp = q4_1
+    _, streamed = jlora.load_pretrained(path, quantize=quant)
+    assert _tree_equal(streamed, quantize_params(cfg, fp, quant))
+    assert jax.tree_util.tree_structure(streamed) == jax.tree_util.tree_structure(quantize_params(cfg, fp, quant))
+    with pytest.raises(ValueError, match="matched no linear layer"):
+        jlora.load_pretrained(path, quantize={"quant": quant, "modules": ["nothing_here"]})

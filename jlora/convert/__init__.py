@@ -53,12 +53,7 @@ def load_pretrained(path, dtype=jnp.float32, allow_pickle: bool = False, quantiz
             raise FileNotFoundError(f"{path}: no such GGUF file")
         from jlora.convert.gguf import load_gguf
 
-        cfg, params = load_gguf(path, dtype=dtype, keep_quantized=keep_gguf)
-        if quantize is not None:
-            from jlora.quant import quantize_params
-
-            params = quantize_params(cfg, params, quantize)
-        return cfg, params
+        return load_gguf(path, dtype=dtype, keep_quantized=keep_gguf, quantize=quantize)  # quantized as it reads
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model directory or .gguf file")
     if os.path.isfile(path):

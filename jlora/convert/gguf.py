@@ -365,7 +365,7 @@ def _to_jlora(w: np.ndarray, entry: TensorEntry, head_dim: int, dtype) -> np.nda
     return np.ascontiguousarray(w, dtype=dtype).reshape(entry.shape)
 
 
-def load_gguf(path, dtype=jnp.float32, keep_quantized: bool = False) -> Tuple[ModelConfig, dict]:
+def load_gguf(path, dtype=jnp.float32, keep_quantized: bool = False, quantize=None) -> Tuple[ModelConfig, dict]:
     """Loads a Llama-architecture GGUF file (llama.cpp format) as a jlora config and parameter tree.
 
     Args:
@@ -375,6 +375,9 @@ def load_gguf(path, dtype=jnp.float32, keep_quantized: bool = False) -> Tuple[Mo
       keep_quantized: keep Q4_0 / Q4_1 / Q8_0 projection and embedding tensors quantized, as frozen
         `jlora.quant_gguf` wrappers (``load_pretrained(quantize="gguf")``); their ``materialize()`` equals the
         float32 load bit for bit. Plain tensors, norms and biases load as above; other quantized types raise.
+      quantize: a `jlora.quant.QuantConfig` (or None): its linear kernels are quantized on the host one at a time
+        as they are read (from the value a float load in ``dtype`` gives), so no float copy of the whole model
+        coexists with the quantized one.
 
     Returns:
       ``(ModelConfig, params)``; the tree matches `jlora.model.param_shapes` and Hugging Face's Llama layout.
@@ -433,7 +436,17 @@ def load_gguf(path, dtype=jnp.float32, keep_quantized: bool = False) -> Tuple[Mo
             w = dequantize(t.data, type_name, shape)
         except ValueError as e:
             raise ValueError(f"{path}: tensor {entry.gguf_name}: {e}") from None
+        module = ".".join(entry.path[:-1])
+        if qcfg is not None and entry.path[-1] == "kernel" and qcfg.selects(module):
+            w = np.asarray(_to_jlora(w, entry, cfg.dim_head, target))
+            return quantize_kernel(np.asarray(w, np.float32), qcfg, module)  # w: the value cast to dtype
         return jnp.asarray(_to_jlora(w, entry, cfg.dim_head, target))
+
+    qcfg = None
+    if quantize is not None:
+        from jlora.quant import QuantConfig, quantize_kernel
+
+        qcfg = QuantConfig.of(quantize)
 
     # numpy releases the GIL in the bulk array loops, so threads overlap the per-tensor work.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -446,4 +459,7 @@ def load_gguf(path, dtype=jnp.float32, keep_quantized: bool = False) -> Tuple[Mo
             node = node.setdefault(k, {})
         node[entry.path[-1]] = arr
     del reader  # releases the memory map
+    if qcfg is not None and not any(entry.path[-1] == "kernel" and qcfg.selects(".".join(entry.path[:-1]))
+                                    for entry, *_ in jobs):
+        raise ValueError(f"quantize: modules {qcfg.modules!r} matched no linear layer of this {cfg.arch} model")
     return cfg, params
