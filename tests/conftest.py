@@ -58,6 +58,32 @@ def make_hf_model(kind: str, seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{kind: (hf model, jlora cfg, jlora base params)} for the tiny random GPT-2 and Llama, built once per module."""
+    import jlora
+
+    out = {}
+    for kind in ("gpt2", "llama"):
+        hf = make_hf_model(kind)
+        d = str(tmp_path_factory.mktemp(f"hf-{kind}"))
+        hf.save_pretrained(d)
+        cfg, base = jlora.load_pretrained(d)
+        out[kind] = (hf, cfg, base)
+    return out
+
+
+def adam_moments(opt_state) -> list:
+    """The mu and nu leaves of every Adam state in an optax state."""
+    import optax
+
+    out = []
+    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
+        if isinstance(s, optax.ScaleByAdamState):
+            out += jax.tree_util.tree_leaves(s.mu) + jax.tree_util.tree_leaves(s.nu)
+    return out
+
+
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     import torch
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import jlora
-from conftest import sharded_equals_one_device
+from conftest import adam_moments, sharded_equals_one_device
 from jlora import loop, run, train
 from jlora.convert import adapterhub as AH
 from jlora.convert.stfile import SafetensorsFile, write_safetensors
@@ -334,16 +334,6 @@ def _train_params(cfg=TINY):
     return BN.init(jax.random.key(2), cfg, jlora.init_params(cfg, jax.random.key(1)), TRAIN_CFG)
 
 
-def _adam_moments(opt_state):
-    import optax
-
-    out = []
-    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
-        if isinstance(s, optax.ScaleByAdamState):
-            out += jax.tree_util.tree_leaves(s.mu) + jax.tree_util.tree_leaves(s.nu)
-    return out
-
-
 @pytest.fixture(scope="module")
 def demo_model_dir(tmp_path_factory):
     """A tiny random Llama with a character tokenizer and the demo task (date extraction) as training data."""
@@ -387,7 +377,7 @@ def test_run_lowers_the_demo_loss_trains_only_the_adapters_and_resumes(demo_mode
     after = res.eval["eval_loss"]
     assert after < before - 0.1, (before, after)
     assert _tree_equal(jlora.split(res.state.params, labels)[1], frozen_before)  # bitwise
-    assert sum(x.size for x in _adam_moments(res.state.opt_state)) == 2 * n_train
+    assert sum(x.size for x in adam_moments(res.state.opt_state)) == 2 * n_train
     rest = sum(x.size for x in jax.tree_util.tree_leaves(res.state.opt_state)) - 2 * n_train
     assert 0 < rest <= 8  # step counters only: no state for any frozen leaf
     adapter = tmp_path / "straight" / "adapter"

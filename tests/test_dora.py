@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 
 import jlora  # noqa: E402
-from conftest import hf_logits, make_hf_model  # noqa: E402
+from conftest import hf_logits  # noqa: E402
 from jlora import loop, parallel  # noqa: E402
 from jlora import tree as T  # noqa: E402
 from jlora.convert.peft_dora import DORA_CODEC  # noqa: E402
@@ -59,19 +59,6 @@ def _tree_equal(a, b):
 
 def _logits(cfg, params):
     return np.asarray(jlora.apply(cfg, params, TOKENS))
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """{kind: (hf model, jlora cfg, jlora base params)}, built once."""
-    out = {}
-    for kind in ("gpt2", "llama"):
-        hf = make_hf_model(kind)
-        d = str(tmp_path_factory.mktemp(f"hf-{kind}"))
-        hf.save_pretrained(d)
-        cfg, base = jlora.load_pretrained(d)
-        out[kind] = (hf, cfg, base)
-    return out
 
 
 def _peft_dora(hf, out_dir, **kw):

@@ -15,10 +15,9 @@ import pytest
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 
-import optax  # noqa: E402
 
 import jlora  # noqa: E402
-from conftest import hf_logits, make_hf_model, sharded_equals_one_device  # noqa: E402
+from conftest import adam_moments, hf_logits, sharded_equals_one_device  # noqa: E402
 from jlora import loop, train  # noqa: E402
 from jlora.convert.stfile import SafetensorsFile, write_safetensors  # noqa: E402
 from jlora.data import Batches  # noqa: E402
@@ -47,19 +46,6 @@ CONFIGS = {
                    modules_to_save=["lm_head"]),
     },
 }
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """{kind: (hf model, jlora cfg, jlora base params)}, built once."""
-    out = {}
-    for kind in ("gpt2", "llama"):
-        hf = make_hf_model(kind)
-        d = str(tmp_path_factory.mktemp(f"hf-{kind}"))
-        hf.save_pretrained(d)
-        cfg, base = jlora.load_pretrained(d)
-        out[kind] = (hf, cfg, base)
-    return out
 
 
 def _peft_adapter(hf, kind, out_dir, **kw):
@@ -210,15 +196,6 @@ def test_shapes_are_peft_shapes(models, tmp_path):
         assert st.shape(f"base_model.model.{other}.ia3_l") == (d_out, 1)
 
 
-def _adam_moments(opt_state):
-    """The mu and nu leaves of every Adam state in an optax state."""
-    out = []
-    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
-        if isinstance(s, optax.ScaleByAdamState):
-            out += jax.tree_util.tree_leaves(s.mu) + jax.tree_util.tree_leaves(s.nu)
-    return out
-
-
 # One layer: the training tests are about the tree, not depth, and compile time grows with the (unrolled) layers.
 TINY_GPT2 = dataclasses.replace(jlora.preset("tiny-gpt2"), n_layers=1)
 TRAIN_CFG = IA3Config(target_modules=["c_attn", "c_proj", "c_fc"], feedforward_modules=["c_fc"],
@@ -239,7 +216,7 @@ def test_fit_trains_only_the_vectors_and_resumes_exactly(tmp_path):
     n_train = jlora.param_report(params, labels)["trainable"]
     assert n_train == sum(ad.scale.size for ad in ia3.adapters(params).values())
     opt_state = train.init_state(params, train.make_optimizer(labels, 1e-2, weight_decay=0.1)).opt_state
-    assert sum(x.size for x in _adam_moments(opt_state)) == 2 * n_train
+    assert sum(x.size for x in adam_moments(opt_state)) == 2 * n_train
     assert sum(x.size for x in jax.tree_util.tree_leaves(opt_state)) == 2 * n_train + 1  # + Adam's step count
     frozen_before = jax.device_get(jlora.split(params, labels)[1])
     vec_before = {n: np.asarray(ad.scale) for n, ad in ia3.adapters(params).items()}
@@ -254,7 +231,7 @@ def test_fit_trains_only_the_vectors_and_resumes_exactly(tmp_path):
     assert _tree_equal(jlora.split(straight.state.params, labels)[1], frozen_before)  # bitwise
     assert all(np.abs(np.asarray(ad.scale) - vec_before[n]).max() > 0
                for n, ad in ia3.adapters(straight.state.params).items())
-    assert sum(x.size for x in _adam_moments(straight.state.opt_state)) == 2 * n_train
+    assert sum(x.size for x in adam_moments(straight.state.opt_state)) == 2 * n_train
 
     first = loop.fit(cfg, _train_params(), batches, run_dir=str(tmp_path / "split"), stop_at=1, **kw)
     assert int(first.state.step) == 1

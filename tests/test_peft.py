@@ -42,19 +42,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """{kind: (hf model, jlora cfg, jlora base params)}, built once."""
-    out = {}
-    for kind in ("gpt2", "llama"):
-        hf = make_hf_model(kind)
-        d = str(tmp_path_factory.mktemp(f"hf-{kind}"))
-        hf.save_pretrained(d)
-        cfg, base = jlora.load_pretrained(d)
-        out[kind] = (hf, cfg, base)
-    return out
-
-
 def _peft_adapter(hf, out_dir, **kw):
     """A real PEFT adapter with non-zero A and B, saved to out_dir; returns the PEFT model."""
     torch.manual_seed(0)

@@ -18,10 +18,9 @@ import pytest
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 
-import optax  # noqa: E402
 
 import jlora  # noqa: E402
-from conftest import make_hf_model, sharded_equals_one_device  # noqa: E402
+from conftest import adam_moments, sharded_equals_one_device  # noqa: E402
 from jlora import loop, train  # noqa: E402
 from jlora.convert.stfile import SafetensorsFile, write_safetensors  # noqa: E402
 from jlora.data import Batches  # noqa: E402
@@ -42,19 +41,6 @@ CASES = {
                    PrefixConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=24)),
     "prompt": (peft.PromptTuningConfig, dict(num_virtual_tokens=4), PromptConfig(num_virtual_tokens=4)),
 }
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """{kind: (hf model, jlora cfg, jlora base params)}, built once."""
-    out = {}
-    for kind in ("gpt2", "llama"):
-        hf = make_hf_model(kind)
-        d = str(tmp_path_factory.mktemp(f"hf-{kind}"))
-        hf.save_pretrained(d)
-        cfg, base = jlora.load_pretrained(d)
-        out[kind] = (hf, cfg, base)
-    return out
 
 
 def _peft_model(hf, case, seed=0):
@@ -214,14 +200,6 @@ def _tree_equal(a, b):
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
-def _adam_moments(opt_state):
-    out = []
-    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
-        if isinstance(s, optax.ScaleByAdamState):
-            out += jax.tree_util.tree_leaves(s.mu) + jax.tree_util.tree_leaves(s.nu)
-    return out
-
-
 def _train_params(case, cfg=TINY_GPT2):
     return B.get(case).init(jax.random.key(2), cfg, jlora.init_params(cfg, jax.random.key(1)), TRAIN[case])
 
@@ -239,7 +217,7 @@ def test_fit_trains_only_the_method_and_resumes_exactly(case, tmp_path):
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(_hook(cfg, params)))
     assert jlora.param_report(params, labels)["trainable"] == n_train
     opt_state = train.init_state(params, train.make_optimizer(labels, 1e-2, weight_decay=0.1)).opt_state
-    assert sum(x.size for x in _adam_moments(opt_state)) == 2 * n_train  # Adam state for the method's leaves only
+    assert sum(x.size for x in adam_moments(opt_state)) == 2 * n_train  # Adam state for the method's leaves only
     frozen_before = jax.device_get(jlora.split(params, labels)[1])
     hook_before = jax.device_get(_hook(cfg, params))
 
