@@ -26,6 +26,7 @@ Wrappers compose (``LoRA(NF4(...), a, b)`` is QLoRA) because each wrapper calls 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, ClassVar, Dict, Optional, Union
 
 import jax
@@ -230,6 +231,93 @@ def linear(x: jax.Array, kernel, bias=None) -> jax.Array:
         return kernel.linear(x, bias)
     y = matmul(x, kernel)
     return y if bias is None else y + bias.astype(y.dtype)
+
+
+def _after(codes, x):
+    """``codes`` unchanged, but computed from ``x``. XLA's CPU compiler drops optimization barriers before it
+    schedules, so this data dependency, which it cannot fold away (a value is never both NaN and infinite), is
+    what keeps a dequantization from being hoisted ahead of its matmul."""
+    x0 = jax.lax.stop_gradient(x.reshape(-1)[0])
+    return codes | (jnp.isnan(x0) & jnp.isinf(x0)).astype(codes.dtype)
+
+
+def _tied(arrays, x):
+    """``arrays`` behind an optimization barrier with ``x``, the first integer one (the codes) made to depend
+    on ``x`` (`_after`)."""
+    x, arrays = jax.lax.optimization_barrier((x, arrays))
+    out, done = [], False
+    for a in arrays:
+        if not done and a is not None and jnp.issubdtype(a.dtype, jnp.integer):
+            a, done = _after(a, x), True
+        out.append(a)
+    return x, tuple(out)
+
+
+def _dq_dot(x, w, layout):
+    return jnp.einsum("...i,oi->...o" if layout == "oi" else "...i,io->...o", x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _dequant_matmul(dequant, static, layout, x, arrays):
+    x, arrays = _tied(arrays, x)
+    return _dq_dot(x, dequant(arrays, x.dtype, static), layout)
+
+
+def _dequant_matmul_fwd(dequant, static, layout, x, arrays):
+    return _dequant_matmul(dequant, static, layout, x, arrays), arrays
+
+
+def _dequant_matmul_bwd(dequant, static, layout, arrays, g):
+    g, tied = _tied(arrays, g)
+    w = dequant(tied, g.dtype, static)
+    dx = jnp.einsum("...o,oi->...i" if layout == "oi" else "...o,io->...i", g, w)
+
+    def zero(a):
+        if a is None:
+            return None
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            return jnp.zeros_like(a)
+        return np.zeros(a.shape, jax.dtypes.float0)
+
+    return dx, tuple(zero(a) for a in arrays)
+
+
+_dequant_matmul.defvjp(_dequant_matmul_fwd, _dequant_matmul_bwd)
+
+
+def dequant_matmul(x: jax.Array, arrays, dequant: Callable, static=(), layout: str = "io") -> jax.Array:
+    """``x @ W`` for a frozen quantized ``W`` that is dequantized in ``x.dtype`` right where it is used.
+
+    Every quantized base (`jlora.quant.Quant4bit`, `jlora.quant.Int8`, `jlora.quant_gguf.GGUFQuant`) multiplies
+    through this one function. Why it exists: a dequantization does not depend on the activations, so XLA
+    (measured on CPU with SmolLM2) schedules every layer's dequantization up front and keeps them all live (a
+    float copy of the whole base among the step's temporaries), and autodiff keeps each dequantized matrix as a
+    residual for ``dx``. Here the codes are tied to ``x`` in the forward pass and to the cotangent in the
+    backward pass (an optimization barrier and a data dependency XLA cannot fold), and a custom VJP dequantizes
+    again for ``dx`` instead of saving the matrix: each dequantized matrix is a short-lived temporary of its own
+    matmul. The arrays are frozen: their cotangents are zeros.
+
+    Args:
+      x: activations ``[..., in]`` in the compute dtype.
+      arrays: a tuple of the wrapper's arrays (codes first among the integer ones; None entries allowed).
+      dequant: a module-level function ``dequant(arrays, dtype, static) -> W`` (hashable: it is static).
+      static: hashable static arguments for ``dequant`` (shapes, the quantization type).
+      layout: ``"io"`` when ``dequant`` returns ``[in, out]`` (jlora's kernel), ``"oi"`` for ``[out, in]``.
+
+    Returns:
+      ``[..., out]`` in ``x.dtype``.
+
+    Example:
+      >>> def deq(arrays, dtype, static):
+      ...     q, scale = arrays
+      ...     return q.astype(dtype) * scale.astype(dtype)
+      >>> q, scale = jnp.ones((3, 2), jnp.int8), jnp.array([0.5, 2.0])
+      >>> dequant_matmul(jnp.ones((1, 3)), (q, scale), deq).tolist()
+      [[1.5, 6.0]]
+    """
+    if layout not in ("io", "oi"):
+        raise ValueError(f"dequant_matmul: layout must be 'io' or 'oi', got {layout!r}")
+    return _dequant_matmul(dequant, static, layout, x, tuple(arrays))
 
 
 def materialize(leaf) -> jax.Array:

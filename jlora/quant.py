@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jlora.kernels import FROZEN, KernelWrapper, is_node
+from jlora.kernels import FROZEN, KernelWrapper, dequant_matmul, is_node
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bnb's valid 4-bit block sizes
 NESTED_BLOCK = 256  # bnb's block size of the double-quantized absmax
@@ -245,6 +245,34 @@ def _flat_rows_shardable(n_in: int, n_out: int, block: int) -> bool:
     return n_in % block == 0 and block % 2 == 0 and n_out > 0
 
 
+def _scales_4bit(absmax, nested_absmax, offset) -> jax.Array:
+    if nested_absmax is None:
+        return absmax.astype(jnp.float32)
+    nb = absmax.shape[0]
+    vals = jnp.asarray(DYNAMIC_MAP)[absmax.astype(jnp.int32)]
+    per = jnp.repeat(nested_absmax.astype(jnp.float32), NESTED_BLOCK,
+                     total_repeat_length=nested_absmax.shape[0] * NESTED_BLOCK)[:nb]
+    return vals * per + offset.astype(jnp.float32)
+
+
+def _dequant_4bit(arrays, dtype, static) -> jax.Array:
+    """``W_hf [out, in]`` in ``dtype`` from `Quant4bit`'s arrays; ``static = ((in, out), quant_type, block)``."""
+    codes, absmax, nested_absmax, offset = arrays
+    (n_in, n_out), quant_type, block = static
+    n = n_in * n_out
+    idx = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(-1)[:n].astype(jnp.int32)
+    vals = jnp.asarray(CODES[quant_type], dtype)[idx]
+    nb = absmax.shape[0]
+    vals = jnp.pad(vals, (0, nb * block - n)).reshape(nb, block)
+    w = vals * _scales_4bit(absmax, nested_absmax, offset).astype(dtype)[:, None]
+    return w.reshape(-1)[:n].reshape(n_out, n_in)
+
+
+def _dequant_int8(arrays, dtype, static) -> jax.Array:
+    q, scale = arrays
+    return q.astype(dtype) * scale.astype(dtype)
+
+
 @struct.dataclass
 class Quant4bit(KernelWrapper):
     """A frozen NF4/FP4 kernel in bitsandbytes' layout (see the module docstring).
@@ -288,29 +316,21 @@ class Quant4bit(KernelWrapper):
 
     def scales(self) -> jax.Array:
         """The float32 absmax per block (double quantization undone exactly as bnb: ``code[q] * nested + offset``)."""
-        if not self.double_quant:
-            return self.absmax.astype(jnp.float32)
-        nb = self.absmax.shape[0]
-        vals = jnp.asarray(DYNAMIC_MAP)[self.absmax.astype(jnp.int32)]
-        per = jnp.repeat(self.nested_absmax.astype(jnp.float32), NESTED_BLOCK, total_repeat_length=
-                         self.nested_absmax.shape[0] * NESTED_BLOCK)[:nb]
-        return vals * per + self.offset.astype(jnp.float32)
+        return _scales_4bit(self.absmax, self.nested_absmax, self.offset)
 
     def dequantize_hf(self, dtype=jnp.float32) -> jax.Array:
         """``W_hf [out, in]`` in ``dtype``: code values times their block's absmax, both in ``dtype``."""
-        n_in, n_out = self.in_out
-        n = n_in * n_out
-        c = self.codes
-        idx = jnp.stack([c >> 4, c & 15], axis=-1).reshape(-1)[:n].astype(jnp.int32)
-        vals = jnp.asarray(CODES[self.quant_type], dtype)[idx]
-        nb = self.absmax.shape[0]
-        vals = jnp.pad(vals, (0, nb * self.block_size - n)).reshape(nb, self.block_size)
-        w = vals * self.scales().astype(dtype)[:, None]
-        return w.reshape(-1)[:n].reshape(n_out, n_in)
+        return _dequant_4bit((self.codes, self.absmax, self.nested_absmax, self.offset), dtype, self._static)
+
+    @property
+    def _static(self):
+        return (tuple(self.in_out), self.quant_type, self.block_size)
 
     def matmul(self, x):
-        # Dequantized in the compute dtype inside this matmul: under jit a temporary, never a stored copy.
-        return jnp.einsum("...i,oi->...o", x, self.dequantize_hf(x.dtype))
+        # Dequantized in the compute dtype inside this matmul (jlora.kernels.dequant_matmul): under jit a
+        # short-lived temporary, never a stored copy, in the forward and in the backward pass.
+        return dequant_matmul(x, (self.codes, self.absmax, self.nested_absmax, self.offset), _dequant_4bit,
+                              self._static, layout="oi")
 
     def materialize(self):
         return self.dequantize_hf(jnp.float32).T
@@ -363,8 +383,9 @@ class Int8(KernelWrapper):
         return jnp.dtype(jnp.float32)
 
     def matmul(self, x):
-        # The per-channel scale commutes with the matmul: (x @ q) * scale, in the compute dtype.
-        return jnp.matmul(x, self.q.astype(x.dtype)) * self.scale.astype(x.dtype)
+        # ``q * scale`` in the compute dtype inside this matmul (jlora.kernels.dequant_matmul): under jit a
+        # short-lived temporary, never a stored float copy.
+        return dequant_matmul(x, (self.q, self.scale), _dequant_int8)
 
     def materialize(self):
         return self.q.astype(jnp.float32) * self.scale[None, :]

@@ -26,7 +26,6 @@ fine-tuning of such a base is refused (`jlora.tree.trainable_labels`), LoRA on i
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import jax
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jlora.kernels import FROZEN, KernelWrapper, LeafWrapper
+from jlora.kernels import FROZEN, KernelWrapper, LeafWrapper, dequant_matmul
 
 BLOCK = 32
 # ggml type name -> bytes per block of 32 values
@@ -99,43 +98,9 @@ def dequantize_rows(qs, d, m, qtype: str, dtype=jnp.float32) -> jax.Array:
     return w.reshape(rows, nb * BLOCK)
 
 
-def _after(qs, x):
-    """``qs`` unchanged, but computed from ``x``: XLA's CPU compiler drops optimization barriers before it
-    schedules, so a data dependency it cannot fold away (a value is never both NaN and infinite) keeps the
-    dequantization from being hoisted ahead of its matmul."""
-    x0 = jax.lax.stop_gradient(x.reshape(-1)[0])
-    never = (jnp.isnan(x0) & jnp.isinf(x0)).astype(qs.dtype)
-    return qs | never
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _dequant_matmul(x, qs, d, m, qtype):
-    """``x @ W_hf.T`` with ``W_hf`` dequantized in ``x.dtype`` right where it is used.
-
-    Why the custom VJP and the optimization barriers: the dequantization does not depend on the activations, so
-    XLA (measured on CPU, SmolLM2) schedules every layer's dequantization up front and keeps them all live (535 MB
-    of temporaries in a forward pass, a float copy of the base), and autodiff would keep each dequantized matrix
-    as a residual for ``dx``. Tying the codes to ``x`` (forward) and to the cotangent (backward) with
-    `jax.lax.optimization_barrier` makes each dequantized matrix a short-lived temporary of its own matmul, and
-    the backward pass dequantizes again instead of saving it. The codes and scales are frozen: zero cotangents.
-    """
-    x, qs, d, m = jax.lax.optimization_barrier((x, qs, d, m))
-    return jnp.einsum("...i,oi->...o", x, dequantize_rows(_after(qs, x), d, m, qtype, x.dtype))
-
-
-def _dequant_matmul_fwd(x, qs, d, m, qtype):
-    return _dequant_matmul(x, qs, d, m, qtype), (qs, d, m)
-
-
-def _dequant_matmul_bwd(qtype, res, g):
-    qs, d, m = res
-    g, qs, d, m = jax.lax.optimization_barrier((g, qs, d, m))
-    dx = jnp.einsum("...o,oi->...i", g, dequantize_rows(_after(qs, g), d, m, qtype, g.dtype))
-    zero = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
-    return dx, np.zeros(qs.shape, jax.dtypes.float0), zero(d), zero(m)
-
-
-_dequant_matmul.defvjp(_dequant_matmul_fwd, _dequant_matmul_bwd)
+def _dequant(arrays, dtype, qtype):
+    qs, d, m = arrays
+    return dequantize_rows(qs, d, m, qtype, dtype)
 
 
 class _Blocks:
@@ -196,7 +161,7 @@ class GGUFQuant(_Blocks, KernelWrapper):
 
     def matmul(self, x):
         # Dequantized in the compute dtype inside this matmul: under jit a temporary, never a stored copy.
-        return _dequant_matmul(x, self.qs, self.d, self.m, self.qtype)
+        return dequant_matmul(x, (self.qs, self.d, self.m), _dequant, self.qtype, layout="oi")
 
     def materialize(self):
         return self.dequantize_rows(jnp.float32).T

@@ -116,7 +116,7 @@ def test_lora_trains_on_gguf_base_and_its_adapter_works_on_the_float_base(q4_1, 
     jstep = jax.jit(train.make_train_step(cfg, tx, labels), donate_argnums=0)
     # No dequantized copy of the base: each matrix is a temporary of its own matmul (forward and backward).
     # Measured with one sequence of 12 tokens: 174 KB of temporaries; 356 KB when XLA hoists every dequantization
-    # (jlora.quant_gguf._after); the float32 kernels are 262 KB. On SmolLM2: 160 MB vs 583 MB.
+    # (jlora.kernels.dequant_matmul); the float32 kernels are 262 KB. On SmolLM2: 160 MB vs 583 MB.
     one = {"input_ids": batch["input_ids"][:1]}
     temp = jstep.lower(state, one).compile().memory_analysis().temp_size_in_bytes
     float_kernels = sum(int(np.prod(v.shape)) * 4 for v in _flat(qp).values() if isinstance(v, GGUFQuant))
