@@ -18,11 +18,11 @@ from jlora.model_path import (  # noqa: F401
 )
 
 
-def _load(spec, adapter=None):
+def _load(spec, adapter=None, quantize=None):
     import jlora
 
     path = resolve_model(spec)
-    cfg, params = jlora.load_pretrained(path)
+    cfg, params = jlora.load_pretrained(path, quantize=quantize)
     if adapter:
         params = jlora.load_adapter(cfg, params, adapter)
     return path, cfg, params
@@ -87,34 +87,60 @@ def _stdin_prompts():
             yield line
 
 
-def _write_merged(path, cfg, params, out, dtype):
-    """Folds adapters into the base and writes an HF model dir, with the base's tokenizer when it has one."""
-    import jlora
+def _write_merged(path, cfg, params, a):
+    """Folds adapters into the base and writes an HF model dir, with the base's tokenizer when it has one.
+    Returns what was written, in words (the CLI says it)."""
+    import jax
 
-    jlora.save_pretrained(cfg, jlora.merge(params), out, dtype=dtype)
+    import jlora
+    from jlora import quant as Q
+
+    from jlora.quant_gguf import is_gguf_quantized
+
+    kinds = sorted({_quant_name(b) for b in (jlora.strip(k) for k in jlora.tree.linear_modules(params).values())
+                    if Q.is_quantized(b) or is_gguf_quantized(b)})
+    merged = jlora.merge(params)  # quantized bases are dequantized to float32 here; LoRA folds into that
+    jlora.save_pretrained(cfg, merged, a.out, dtype=a.dtype, quantize=a.out_quantize)
     try:
-        jlora.load_tokenizer(path).save(out)
+        jlora.load_tokenizer(path).save(a.out)
     except (FileNotFoundError, ValueError):
         pass  # a base without a tokenizer (e.g. weights only): the model dir is still complete
+    base = f"the {'/'.join(kinds)} base, dequantized to float32" if kinds else "the float base"
+    dtype = a.dtype or str(next(x.dtype for x in jax.tree_util.tree_leaves(merged)))
+    if a.out_quantize:
+        what = {"nf4": "bitsandbytes NF4 4-bit (double quantization)", "fp4": "bitsandbytes FP4 4-bit (double "
+                "quantization)", "int8": "bitsandbytes int8 (LLM.int8 layout)"}[a.out_quantize]
+        return f"folded into {base}; written re-quantized: {what} linear layers, other tensors {dtype}"
+    return f"folded into {base}; written as {dtype} weights"
+
+
+def _quant_name(kernel) -> str:
+    if hasattr(kernel, "qtype"):
+        return f"GGUF {kernel.qtype}"
+    return kernel.quant_type.upper() if hasattr(kernel, "quant_type") else "int8"
 
 
 def cmd_merge(a):
-    path, cfg, params = _load(a.model, a.adapter)
-    _write_merged(path, cfg, params, a.out, a.dtype)
-    print(f"merged {a.adapter} into {a.model} -> {a.out}")
+    path, cfg, params = _load(a.model, a.adapter, a.quantize)
+    said = _write_merged(path, cfg, params, a)
+    print(f"merged {a.adapter} into {a.model} -> {a.out} ({said})")
 
 
 def cmd_export(a):
     import jlora
 
-    path, cfg, params = _load(a.model, a.adapter)
+    path, cfg, params = _load(a.model, a.adapter, a.quantize)
     if a.format == "hf":
-        _write_merged(path, cfg, params, a.out, a.dtype)
+        said = _write_merged(path, cfg, params, a)
     else:
         if not a.adapter:
             raise SystemExit("jlora export --format peft: needs --adapter DIR")
+        if a.out_quantize or a.dtype:
+            raise SystemExit("jlora export --format peft: --dtype and --out-quantize apply to --format hf only "
+                             "(an adapter is saved as it trained)")
         jlora.save_adapter(cfg, params, a.out)
-    print(f"exported ({a.format}) -> {a.out}")
+        said = "the adapter"
+    print(f"exported ({a.format}) -> {a.out} ({said})")
 
 
 def cmd_train(a):
@@ -124,6 +150,17 @@ def cmd_train(a):
     conf = run.load_config(a.config, overrides)
     res = run.train_run(conf, progress=not a.no_progress, stop_at=a.stop_at)
     print(json.dumps({"step": int(res.state.step), "resumed_from": res.resumed_from, **res.eval}))
+
+
+def _add_merge_flags(p):
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written float tensors (default: the merged model's, float32)")
+    p.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8", "gguf"],
+                   help="load the base quantized, as the adapter was trained (jlora train --quantize): the "
+                        "adapter folds into that dequantized base")
+    p.add_argument("--out-quantize", default=None, choices=["nf4", "fp4", "int8"],
+                   help="write the merged linear layers re-quantized, as a bitsandbytes checkpoint transformers "
+                        "loads (nf4/fp4: 4-bit with double quantization; int8: LLM.int8 layout); default: float")
 
 
 def _overrides(a):
@@ -200,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     m.add_argument("--adapter", required=True, help="PEFT adapter directory")
     m.add_argument("--out", required=True, help="output HF model directory")
-    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    _add_merge_flags(m)
     m.set_defaults(fn=cmd_merge)
 
     e = sub.add_parser("export", help="export a model+adapter as a merged HF dir (--format hf) or an adapter dir "
@@ -209,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     e.add_argument("--adapter", default=None, help="PEFT adapter directory")
     e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    _add_merge_flags(e)
     e.set_defaults(fn=cmd_export)
 
     t = sub.add_parser("train", help="train (any --method) from a TOML/YAML config; resumes automatically")

@@ -63,15 +63,24 @@ def load_pretrained(path, dtype=jnp.float32, allow_pickle: bool = False, quantiz
     return load_hf(path, dtype=dtype, allow_pickle=allow_pickle, quantize=quantize)
 
 
-def save_pretrained(cfg, params, out_dir, dtype=None) -> None:
+def save_pretrained(cfg, params, out_dir, dtype=None, quantize=None) -> None:
     """Writes a Hugging Face model directory (config.json + model.safetensors) that transformers loads.
 
     Args:
       cfg: model config.
-      params: a plain parameter tree (merge adapters first with `jlora.merge`).
+      params: a parameter tree: plain arrays (merge adapters first with `jlora.merge`), and optionally quantized
+        kernels (`jlora.quant.Quant4bit` / `Int8`), written as a bitsandbytes 4-bit / 8-bit checkpoint.
       out_dir: destination directory.
-      dtype: storage dtype ("float32", "bfloat16", "float16"); default: the parameters' dtype.
+      dtype: storage dtype of the float tensors ("float32", "bfloat16", "float16"); default: the parameters'.
+      quantize: write the linear layers quantized: ``"nf4"``, ``"fp4"`` (bitsandbytes 4-bit, double
+        quantization on), ``"int8"`` (bitsandbytes 8-bit), a dict or a `jlora.quant.QuantConfig`.
+
+    Example:
+      >>> jlora.save_pretrained(cfg, params, tmp + "/nf4", quantize="nf4")  # e.g. params = jlora.merge(qlora)
+      >>> _, back = jlora.load_pretrained(tmp + "/nf4")
+      >>> type(back["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]).__name__
+      'Quant4bit'
     """
     from jlora.convert.hf import save_hf
 
-    save_hf(cfg, params, os.fspath(out_dir), dtype=dtype)
+    save_hf(cfg, params, os.fspath(out_dir), dtype=dtype, quantize=quantize)

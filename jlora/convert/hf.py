@@ -22,6 +22,8 @@ import ml_dtypes
 import numpy as np
 
 from jlora.config import ModelConfig
+from jlora.convert.bnb import (_QS_PREFIX, _bnb_quantized_modules, _file_of, _get, bnb_quant_mode, bnb_tensors,
+                                load_bnb_4bit, load_bnb_8bit, quantization_config)
 from jlora.convert.stfile import SafetensorsFile, write_safetensors
 from jlora.kernels import is_wrapper
 from jlora.model import _is_shape, param_shapes
@@ -182,186 +184,6 @@ def _open_tensors(path: str, allow_pickle: bool) -> Dict[str, object]:
                             "model.safetensors.index.json)")
 
 
-def _get(getter) -> np.ndarray:
-    src, key = getter
-    return src[key] if isinstance(src, dict) else src.get(key)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints saved by transformers with bitsandbytes (quantization_config.quant_method == "bitsandbytes")
-#
-# 4-bit (``load_in_4bit``): each quantized ``nn.Linear`` (GPT-2's ``Conv1D`` too, transposed to ``[out, in]`` by
-# transformers before quantizing) is stored as bnb's ``Params4bit`` + ``QuantState.as_dict(packed=True)``:
-#   <m>.weight                                packed codes, uint8 [ceil(n/2), 1] (or those bytes viewed as the
-#                                             ``bnb_4bit_quant_storage`` dtype)
-#   <m>.weight.absmax                         float32 [n_blocks], or uint8 with double quantization
-#   <m>.weight.quant_map                      float32 [16], the NF4/FP4 table
-#   <m>.weight.nested_absmax                  float32 [ceil(n_blocks/256)]     (double quantization only)
-#   <m>.weight.nested_quant_map               float32 [256], the signed dynamic map   (double quantization only)
-#   <m>.weight.quant_state.bitsandbytes__nf4  uint8: the UTF-8 JSON {"quant_type", "blocksize", "dtype",
-#                                             "shape": [out, in], "nested_blocksize", "nested_dtype",
-#                                             "nested_offset"} (bnb ``pack_dict_to_tensor``)
-# That is exactly `jlora.quant.Quant4bit`'s layout, so the arrays are taken as they are (no requantization).
-# Modules transformers left unquantized (``llm_int8_skip_modules``, lm_head by default) are plain float tensors.
-# 8-bit (``load_in_8bit``): ``<m>.weight`` int8 [out, in] and ``<m>.SCB`` float32 [out] (the row absmax):
-# `jlora.quant.Int8` with ``scale = SCB / 127`` (``<m>.weight_format``, if present, must be row-major 0).
-
-_QS_PREFIX = ".weight.quant_state.bitsandbytes__"
-
-
-def _file_of(getter) -> str:
-    src, _ = getter
-    return getattr(src, "path", "the checkpoint")
-
-
-def bnb_quant_mode(hf_cfg: dict, path: str) -> Optional[str]:
-    """``None`` (no quantization_config), ``"4bit"`` or ``"8bit"`` for a bitsandbytes checkpoint; anything else
-    raises ValueError naming the option.
-
-    Example:
-      >>> bnb_quant_mode({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, "c.json")
-      '4bit'
-    """
-    qc = hf_cfg.get("quantization_config")
-    if not qc:
-        return None
-    method = qc.get("quant_method", "bitsandbytes")
-    if method != "bitsandbytes":
-        raise ValueError(f"{path}: quantization_config.quant_method {method!r} is not supported (jlora reads "
-                         "bitsandbytes 4-bit and 8-bit checkpoints; dequantize others first)")
-    if qc.get("load_in_4bit"):
-        storage = qc.get("bnb_4bit_quant_storage", "uint8")
-        if storage not in ("uint8", "int8", "float16", "bfloat16", "float32"):
-            raise ValueError(f"{path}: quantization_config.bnb_4bit_quant_storage {storage!r} is not supported "
-                             "(expected uint8, int8, float16, bfloat16 or float32)")
-        return "4bit"
-    if qc.get("load_in_8bit"):
-        if qc.get("llm_int8_has_fp16_weight"):
-            raise ValueError(f"{path}: quantization_config.llm_int8_has_fp16_weight=true checkpoints keep float "
-                             "weights in an int8 layout jlora does not read")
-        return "8bit"
-    raise ValueError(f"{path}: quantization_config has neither load_in_4bit nor load_in_8bit set")
-
-
-def _bnb_tensor(getters, keymap, full_key, module, what, dtypes=None):
-    """The array ``full_key`` (a module's quantization tensor), with errors naming file, key, expected, found."""
-    if full_key not in keymap:
-        near = keymap.get(module + ".weight") or next(iter(keymap.values()), None)
-        where = _file_of(getters[near]) if near is not None else "the checkpoint"
-        raise ValueError(f"{where}: missing tensor {full_key} (the {what} of bitsandbytes-quantized {module})")
-    getter = getters[keymap[full_key]]
-    arr = _get(getter)
-    if dtypes is not None and arr.dtype not in [np.dtype(d) for d in dtypes]:
-        raise ValueError(f"{_file_of(getter)}: tensor {keymap[full_key]} ({what} of {module}) has dtype "
-                         f"{arr.dtype}, expected {' or '.join(str(np.dtype(d)) for d in dtypes)}")
-    return arr, _file_of(getter)
-
-
-def load_bnb_4bit(getters, keymap, module: str, in_out, used: set):
-    """The `jlora.quant.Quant4bit` of one module of a bnb 4-bit checkpoint, holding the file's arrays."""
-    from jlora import quant as Q
-
-    qs_keys = [k for k in keymap if k.startswith(module + _QS_PREFIX)]
-    if len(qs_keys) != 1:
-        raise ValueError(f"{_file_of(getters[keymap[module + '.weight']])}: {module} has "
-                         f"{len(qs_keys)} quant_state entries ({', '.join(qs_keys)}), expected one")
-    qs_key = qs_keys[0]
-    blob, fname = _bnb_tensor(getters, keymap, qs_key, module, "quant_state", ["uint8"])
-    try:
-        state = json.loads(bytes(np.asarray(blob, np.uint8).reshape(-1)).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{fname}: tensor {keymap[qs_key]} is not bitsandbytes' packed quant_state JSON "
-                         f"({e})") from None
-    qt = state.get("quant_type")
-    suffix = qs_key[len(module + _QS_PREFIX):]
-    if qt not in Q.CODES or suffix != qt:
-        raise ValueError(f"{fname}: tensor {keymap[qs_key]}: quant_type {qt!r} (key suffix {suffix!r}) is not "
-                         f"supported; expected 'nf4' or 'fp4'")
-    bs = state.get("blocksize")
-    if bs not in Q.BLOCK_SIZES:
-        raise ValueError(f"{fname}: tensor {keymap[qs_key]}: blocksize {bs!r}, expected one of {Q.BLOCK_SIZES}")
-    n_in, n_out = in_out
-    if list(state.get("shape") or []) != [n_out, n_in]:
-        raise ValueError(f"{fname}: tensor {keymap[qs_key]}: shape {state.get('shape')!r}, expected "
-                         f"[{n_out}, {n_in}] for this config.json")
-    n = n_in * n_out
-    nb = -(-n // bs)
-    codes, fname = _bnb_tensor(getters, keymap, module + ".weight", module, "packed 4-bit codes")
-    if codes.dtype.name not in ("uint8", "int8", "float16", "bfloat16", "float32"):
-        raise ValueError(f"{fname}: tensor {keymap[module + '.weight']} has dtype {codes.dtype}, expected uint8 "
-                         "packed codes")
-    codes = np.ascontiguousarray(codes).view(np.uint8).reshape(-1)  # bnb_4bit_quant_storage is a byte view
-    if codes.size < -(-n // 2) or codes.size > -(-n // 2) + 3:
-        raise ValueError(f"{fname}: tensor {keymap[module + '.weight']} holds {codes.size} bytes, expected "
-                         f"{-(-n // 2)} packed 4-bit codes for shape [{n_out}, {n_in}]")
-    codes = codes[: -(-n // 2)]
-    qmap, fname = _bnb_tensor(getters, keymap, module + ".weight.quant_map", module, "quant_map", ["float32"])
-    if not np.array_equal(np.asarray(qmap).reshape(-1), Q.CODES[qt]):
-        raise ValueError(f"{fname}: tensor {keymap[module + '.weight.quant_map']} is not bitsandbytes' {qt} "
-                         f"table (expected {Q.CODES[qt].tolist()}, found {np.asarray(qmap).reshape(-1).tolist()})")
-    used.update({module + ".weight", qs_key, module + ".weight.quant_map", module + ".weight.absmax"})
-    nested = "nested_absmax" in state or module + ".weight.nested_absmax" in keymap
-    absmax, fname = _bnb_tensor(getters, keymap, module + ".weight.absmax", module, "absmax",
-                                ["uint8"] if nested else ["float32"])
-    if absmax.size != nb:
-        raise ValueError(f"{fname}: tensor {keymap[module + '.weight.absmax']} has {absmax.size} values, "
-                         f"expected {nb} (one per block of {bs})")
-    kw = dict(in_out=(n_in, n_out), quant_type=qt, block_size=bs)
-    if not nested:
-        return Q.Quant4bit(codes=jnp.asarray(codes), absmax=jnp.asarray(np.asarray(absmax).reshape(-1)), **kw)
-    for field in ("nested_blocksize", "nested_offset"):
-        if field not in state:
-            raise ValueError(f"{fname}: tensor {keymap[qs_key]}: the quant_state has no {field!r} (expected "
-                             "with double quantization)")
-    if state["nested_blocksize"] != Q.NESTED_BLOCK:
-        raise ValueError(f"{fname}: tensor {keymap[qs_key]}: nested_blocksize {state['nested_blocksize']!r}, "
-                         f"expected {Q.NESTED_BLOCK}")
-    nested_absmax, fname = _bnb_tensor(getters, keymap, module + ".weight.nested_absmax", module,
-                                       "nested_absmax", ["float32"])
-    if nested_absmax.size != -(-nb // Q.NESTED_BLOCK):
-        raise ValueError(f"{fname}: tensor {keymap[module + '.weight.nested_absmax']} has {nested_absmax.size} "
-                         f"values, expected {-(-nb // Q.NESTED_BLOCK)}")
-    nmap, fname = _bnb_tensor(getters, keymap, module + ".weight.nested_quant_map", module, "nested_quant_map",
-                              ["float32"])
-    if not np.array_equal(np.asarray(nmap).reshape(-1), Q.DYNAMIC_MAP):
-        raise ValueError(f"{fname}: tensor {keymap[module + '.weight.nested_quant_map']} is not bitsandbytes' "
-                         "signed dynamic map (create_dynamic_map(signed=True))")
-    used.update({module + ".weight.nested_absmax", module + ".weight.nested_quant_map"})
-    return Q.Quant4bit(codes=jnp.asarray(codes), absmax=jnp.asarray(np.asarray(absmax).reshape(-1)),
-                       nested_absmax=jnp.asarray(np.asarray(nested_absmax).reshape(-1)),
-                       offset=jnp.asarray(np.float32(state["nested_offset"])), **kw)
-
-
-def load_bnb_8bit(getters, keymap, module: str, in_out, used: set):
-    """The `jlora.quant.Int8` of one module of a bnb 8-bit (LLM.int8) checkpoint: ``q = weight.T``,
-    ``scale = SCB / 127`` (bnb dequantizes ``weight * SCB / 127``)."""
-    from jlora import quant as Q
-
-    n_in, n_out = in_out
-    w, fname = _bnb_tensor(getters, keymap, module + ".weight", module, "int8 weight", ["int8"])
-    if tuple(w.shape) != (n_out, n_in):
-        raise ValueError(f"{fname}: tensor {keymap[module + '.weight']} has shape {tuple(w.shape)}, expected "
-                         f"{(n_out, n_in)} for this config.json")
-    scb, fname = _bnb_tensor(getters, keymap, module + ".SCB", module, "SCB row scales", ["float32"])
-    if scb.size != n_out:
-        raise ValueError(f"{fname}: tensor {keymap[module + '.SCB']} has {scb.size} values, expected {n_out}")
-    used.update({module + ".weight", module + ".SCB"})
-    if module + ".weight_format" in keymap:
-        fmt, fname = _bnb_tensor(getters, keymap, module + ".weight_format", module, "weight_format")
-        if int(np.asarray(fmt).reshape(-1)[0]) != 0:
-            raise ValueError(f"{fname}: tensor {keymap[module + '.weight_format']} is {int(np.asarray(fmt))}, "
-                             "expected 0 (row-major int8; other layouts are GPU-specific)")
-        used.add(module + ".weight_format")
-    scale = (np.asarray(scb, np.float32).reshape(-1) / np.float32(127.0)).astype(np.float32)
-    return Q.Int8(q=jnp.asarray(np.ascontiguousarray(np.asarray(w).T)), scale=jnp.asarray(scale))
-
-
-def _bnb_quantized_modules(keymap, mode: str) -> List[str]:
-    """Module names the file stores quantized: a quant_state blob (4-bit) or an SCB (8-bit) beside the weight."""
-    if mode == "4bit":
-        return sorted({k.split(_QS_PREFIX)[0] for k in keymap if _QS_PREFIX in k})
-    return sorted({k[: -len(".SCB")] for k in keymap if k.endswith(".SCB")})
-
 
 def _shape_at(shapes, names):
     node = shapes
@@ -488,45 +310,75 @@ def load_hf(path: str, dtype=jnp.float32, allow_pickle: bool = False, quantize=N
 # Saving
 
 
-def save_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None) -> None:
+def save_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None, quantize=None) -> None:
     """Writes ``params`` as a Hugging Face model directory that ``transformers.from_pretrained`` loads.
 
-    Kernel wrappers (e.g. unmerged LoRA) are refused: merge first with `jlora.merge`. The files are written to
-    a temporary folder beside ``out_dir`` and moved into place, so an existing ``out_dir`` is never left
-    half-written.
+    Adapter wrappers (e.g. unmerged LoRA) are refused: merge first with `jlora.merge`. Quantized kernels
+    (`jlora.quant.Quant4bit`, `jlora.quant.Int8`: a base loaded with ``quantize=``, or ``quantize`` here) are
+    written as a bitsandbytes checkpoint (the layout transformers saves with ``BitsAndBytesConfig``, with its
+    ``quantization_config``), their bytes as they are. The files are written to a temporary folder beside
+    ``out_dir`` and moved into place, so an existing ``out_dir`` is never left half-written.
 
     Args:
       cfg: model config.
-      params: a plain parameter tree.
+      params: a parameter tree: plain arrays, and optionally Quant4bit / Int8 kernels.
       out_dir: destination directory (created; existing config.json/model.safetensors are replaced).
-      dtype: storage dtype ("float32", "bfloat16", "float16"); default: the dtype of the embedding.
+      dtype: storage dtype of the float tensors ("float32", "bfloat16", "float16"); default: the dtype of the
+        embedding.
+      quantize: quantize the plain kernels first (``"nf4"``, ``"fp4"``, ``"int8"``, a dict or a
+        `jlora.quant.QuantConfig`; see `jlora.quant.quantize_params`), e.g. to re-quantize a merged QLoRA model.
     """
+    from jlora import quant as Q
+
     flat = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_wrapper)[0])
     flat = {tuple(getattr(k, "key", k) for k in p): v for p, v in flat.items()}
-    wrapped = [".".join(p) for p, v in flat.items() if is_wrapper(v)]
+    wrapped = [".".join(p) for p, v in flat.items() if is_wrapper(v) and not Q.is_quantized(v)]
     if wrapped:
-        raise ValueError(f"save_pretrained: {wrapped[0]} is an adapter wrapper; call jlora.merge(params) first "
-                         "(or save the adapter with jlora.save_adapter)")
+        v = flat[tuple(wrapped[0].split("."))]
+        hint = (" (a GGUF-quantized base: jlora.merge(params) dequantizes it to float32)" if
+                type(v).__name__.startswith("GGUF") else "")
+        raise ValueError(f"save_pretrained: {wrapped[0]} is a {type(v).__name__} node{hint}; call "
+                         "jlora.merge(params) first (or save the adapter with jlora.save_adapter)")
+    if quantize is not None:
+        qcfg = Q.QuantConfig.of(quantize)
+        already = [".".join(p) for p, v in flat.items() if Q.is_quantized(v)]
+        if already:
+            raise ValueError(f"save_pretrained(quantize={qcfg.quant!r}): {already[0]} is already quantized; "
+                             "pass a float tree (jlora.merge(params) dequantizes) or leave quantize unset")
+        params = Q.quantize_params(cfg, params, qcfg)
+        flat = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_wrapper)[0])
+        flat = {tuple(getattr(k, "key", k) for k in p): v for p, v in flat.items()}
     from jlora.model import check_params
 
     check_params(cfg, params, "save_pretrained")
     if dtype is None:
-        dtype = str(jnp.dtype(next(iter(flat.values())).dtype))
+        dtype = str(jnp.dtype(next(v for v in flat.values() if not is_wrapper(v)).dtype))
     np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
     if np_dtype is None:
         raise ValueError(f"save_pretrained: dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    tensors = {}
+    tensors, quantized, float_linear = {}, {}, []
     for names, hf_key, transpose in key_table(cfg):
-        arr = np.asarray(jax.device_get(flat[names]).astype(np.float32) if flat[names].dtype != np_dtype
-                         else jax.device_get(flat[names]))
+        leaf = flat[names]
+        if Q.is_quantized(leaf):
+            module = hf_key[: -len(".weight")]
+            quantized[module] = leaf
+            tensors.update(bnb_tensors(module, leaf, dtype))
+            continue
+        if names[-1] == "kernel":
+            float_linear.append(hf_key[: -len(".weight")])
+        arr = np.asarray(jax.device_get(leaf).astype(np.float32) if leaf.dtype != np_dtype
+                         else jax.device_get(leaf))
         arr = arr.T if transpose else arr
         tensors[hf_key] = np.ascontiguousarray(arr.astype(np_dtype))
+    hf_config = config_to_hf(cfg, dtype)
+    if quantized:
+        hf_config["quantization_config"] = quantization_config(quantized, float_linear, dtype)
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".jlora-save-", dir=out_dir)
     try:
         write_safetensors(os.path.join(tmp, "model.safetensors"), tensors)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config_to_hf(cfg, dtype), f, indent=2)
+            json.dump(hf_config, f, indent=2)
         gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                                   ("pad_token_id", cfg.pad_token_id)) if v is not None}
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
