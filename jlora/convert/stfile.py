@@ -97,7 +97,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Op
     """
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = np.asarray(tensors[name], order="C")  # (np.ascontiguousarray would make a 0-d tensor 1-d)
         code = _CODES.get(a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype)
         if code is None:
             raise ValueError(f"{path}: cannot store tensor {name!r} of dtype {a.dtype} in safetensors")
