@@ -195,12 +195,20 @@ def cmd_demo(a):
 
     from jlora.demo import DemoConfig, run_demo
 
-    changes = {k: v for k, v in (("steps", a.steps), ("n_eval", a.n_eval)) if v is not None}
+    changes = {k: v for k, v in (("steps", a.steps), ("n_eval", a.n_eval), ("quantize", a.quantize))
+               if v is not None}
     out = run_demo(a.out, dataclasses.replace(DemoConfig(), **changes), progress=not a.no_progress)
     if out["after"] <= out["before"] or out["reloaded"] != out["after"]:
         print("demo: the fine-tuned model did not beat the base model, or the reloaded adapter scored differently",
               file=sys.stderr)
         raise SystemExit(1)
+
+
+def cmd_plan(a):
+    """Memory planner: per-device bytes, FLOPs and step time of a run; which devices it fits, what it takes."""
+    from jlora.plan import run_cli
+
+    print(run_cli(a))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,8 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo", help="run directory (checkpoints, adapter, results.json)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     d.add_argument("--n-eval", type=int, default=None, help="held-out examples to score")
+    d.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8", "gguf"],
+                   help="train LoRA on a quantized frozen base (nf4: QLoRA; gguf: the file's own Q4_1 blocks)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
+
+    from jlora.plan import add_arguments as add_plan_arguments
+
+    pl = sub.add_parser("plan", help="memory planner: per-device memory, FLOPs and step time of a run; which "
+                                     "devices it fits and what it would take (remat, FSDP, QLoRA)")
+    add_plan_arguments(pl)
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 

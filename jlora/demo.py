@@ -32,6 +32,8 @@ class DemoConfig:
       seq_len: training row length (every example fits).
       max_new_tokens: generation budget per answer (an ISO date is 10 tokens + end of turn).
       train_seed, eval_seed: seeds of the generated training and evaluation examples (disjoint sets).
+      quantize: the frozen base quantized as `jlora.load_pretrained` does (``"nf4"``: QLoRA; ``"fp4"``,
+        ``"int8"``, ``"gguf"``: the file's own blocks); None: float32. Scored before and after on that base.
     """
 
     steps: int = 100
@@ -47,6 +49,7 @@ class DemoConfig:
     train_seed: int = 1
     eval_seed: int = 2
     eval_batch: int = 50
+    quantize: Optional[str] = None
 
 
 def answer(cfg, params, tok, examples, cfgd: DemoConfig) -> List[str]:
@@ -89,9 +92,10 @@ def run_demo(out_dir: str = "out/demo", demo: DemoConfig = DemoConfig(), model_p
 
     t_start = time.perf_counter()
     path = model_path or default_model_path()
-    cfg, base = jlora.load_pretrained(path)
+    cfg, base = jlora.load_pretrained(path, quantize=demo.quantize)
     tok = jlora.load_tokenizer(path)
-    log(f"model: {os.path.basename(path)} ({cfg.num_params() / 1e6:.0f}M parameters, {cfg.n_layers} layers)")
+    qnote = f", frozen base quantized: {demo.quantize}" if demo.quantize else ""
+    log(f"model: {os.path.basename(path)} ({cfg.num_params() / 1e6:.0f}M parameters, {cfg.n_layers} layers{qnote})")
     task = "extract the date from a sentence, answer in ISO YYYY-MM-DD (exact match)"
     eval_ex = demo_task.make_examples(demo.n_eval, seed=demo.eval_seed)
     train_ex = demo_task.make_examples(demo.steps * demo.batch_size, seed=demo.train_seed)
@@ -139,7 +143,7 @@ def run_demo(out_dir: str = "out/demo", demo: DemoConfig = DemoConfig(), model_p
     reloaded = demo_task.score(answer(cfg, reloaded_params, tok, eval_ex, demo), refs)
     log(f"\nsaved the PEFT adapter to {adapter_dir} ({size / 1e6:.1f} MB vs the {os.path.getsize(path) / 1e6:.0f} MB "
         f"model file); reloaded onto the base: exact match {reloaded:.1%}")
-    out = {"before": before, "after": after, "reloaded": reloaded, "steps": demo.steps,
+    out = {"before": before, "after": after, "reloaded": reloaded, "steps": demo.steps, "quantize": demo.quantize,
            "seconds_before_eval": t_before, "seconds_train": t_train, "seconds_after_eval": t_after,
            "seconds_total": time.perf_counter() - t_start, "adapter_dir": adapter_dir, "adapter_bytes": size}
     with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -455,3 +455,51 @@ def test_bad_input_is_refused_clearly():
     k = Q.quantize_kernel(_w((7, 5), 1).T, Q.QuantConfig())
     assert k.codes.shape == (18,) and k.absmax.shape == (1,)
     np.testing.assert_allclose(np.asarray(k.materialize()), _w((7, 5), 1).T, atol=0.5)
+
+
+def test_qlora_bf16_compute_is_as_close_to_fp32_as_transformers_peft_bnb_in_bf16(tmp_path):
+    """bf16 compute (``cfg.dtype="bfloat16"``; bnb_4bit_compute_dtype=bfloat16 and a bfloat16 model in
+    transformers): both round every activation to bf16 (8 bits of mantissa), in different places, so they are
+    compared through the exact float32 reference (transformers + PEFT on bnb's dequantized weights; jlora holds
+    bnb's bytes, so its float32 logits equal that reference to float32 rounding): jlora's bf16 error must be no
+    larger than 1.5x the reference library's own bf16 error, and the two within 3x of it. Measured: jlora
+    6.5e-3, transformers + PEFT + bnb 6.9e-3, between them 5.9e-3 (logits of order 1; float32: 2.4e-7)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from conftest import hf_logits
+
+    _write_hf(tmp_path, "llama", intermediate_size=128)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    qm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_cfg,
+                                                           device_map="cpu", dtype=torch.bfloat16)
+    mirror = {}  # bnb's state (quantized from the bf16 weights) before bnb's forward repacks it
+    for name, m in qm.named_modules():
+        if isinstance(m, bnb_nn.Linear4bit):
+            w, st = m.weight, m.weight.quant_state
+            mirror[name] = Q.Quant4bit(
+                codes=jnp.asarray(w.data.numpy().reshape(-1)), absmax=jnp.asarray(st.absmax.numpy()),
+                nested_absmax=jnp.asarray(st.state2.absmax.numpy()), offset=jnp.asarray(st.offset.numpy()),
+                in_out=(st.shape[1], st.shape[0]), quant_type="nf4", block_size=st.blocksize)
+    pm = peft.get_peft_model(qm, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    tokens = np.random.default_rng(0).integers(0, 128, (2, 9))
+    hf16 = hf_logits(pm.eval(), tokens)
+
+    fp_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    with torch.no_grad():  # the float32 dequantization of those bytes (bnb's own would round it to bf16)
+        for name, mod in fp_hf.named_modules():
+            if name in mirror:
+                mod.weight.copy_(torch.from_numpy(np.asarray(mirror[name].materialize()).T))
+    ref32 = hf_logits(peft.PeftModel.from_pretrained(fp_hf, tmp_path / "adapter").eval(), tokens)
+
+    cfg, fp = jlora.load_pretrained(tmp_path / "base")
+    lp = jlora.load_adapter(cfg, jlora.tree.replace_modules(fp, mirror), tmp_path / "adapter")
+    j32 = np.asarray(jlora.apply(cfg, lp, tokens))
+    j16 = np.asarray(jlora.apply(dataclasses.replace(cfg, dtype="bfloat16"), lp, tokens))
+    e_hf, e_j, mutual = np.abs(hf16 - ref32).max(), np.abs(j16 - ref32).max(), np.abs(j16 - hf16).max()
+    print(f"bf16 QLoRA: |jlora bf16 - fp32 ref| = {e_j:.2e}, |transformers+PEFT+bnb bf16 - fp32 ref| = {e_hf:.2e}, "
+          f"|jlora - transformers| = {mutual:.2e}, jlora fp32 {np.abs(j32 - ref32).max():.2e}")
+    np.testing.assert_allclose(j32, ref32, atol=1e-4)  # only the bf16 effect is compared, not the quantization
+    assert e_j <= 1.5 * e_hf and mutual <= 3 * e_hf, (e_j, e_hf, mutual)
