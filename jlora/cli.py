@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -143,6 +144,33 @@ def cmd_export(a):
     print(f"exported ({a.format}) -> {a.out} ({said})")
 
 
+def cmd_compare(a):
+    import jax
+
+    import jlora
+    from jlora import compare as C, tasks
+
+    tasks.get(a.task)  # unknown task / method: refused before anything loads
+    changes = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch), ("seq_len", a.seq_len),
+                                 ("n_train", a.n_train), ("n_eval", a.n_eval)) if v is not None}
+    cc = C.CompareConfig(methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods else (),
+                         learning_rates=C.parse_lrs(a.lr or []),
+                         lora_variants=tuple(v for v in (a.lora_variants or "").split(",") if v), **changes)
+    cc.rows()
+    if a.model in jlora.PRESETS:
+        raise ValueError(f"--model {a.model}: a preset has random weights and no tokenizer; compare needs a model "
+                         "with a tokenizer (an HF directory or a .gguf file, e.g. the default smollm2)")
+    path = resolve_model(a.model)
+    cfg, params = jlora.load_pretrained(path)
+    tok = jlora.load_tokenizer(path)
+    cfg = cfg.replace(dtype=a.dtype)
+    print(f"compare: {os.path.basename(os.path.normpath(path))} on {a.task}, methods {', '.join(cc.rows())}; "
+          f"{jax.devices()[0].platform}")
+    rep = C.compare(cfg, params, tok, a.task, a.out, cc, model_name=os.path.basename(os.path.normpath(path)))
+    print(C.markdown(rep))
+    print(f"report: {os.path.join(a.out, 'report.md')} (+ report.json, {', '.join(C.PLOTS)})")
+
+
 def cmd_train(a):
     from jlora import run
 
@@ -256,6 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output directory")
     _add_merge_flags(e)
     e.set_defaults(fn=cmd_export)
+
+    c = sub.add_parser("compare", help="full fine-tuning vs every PEFT method on one model and task, measured: "
+                                      "parameters, memory, speed, size, score, forgetting, overfitting, decode")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    c.add_argument("--task", default="dates", help="a task that ships with jlora: dates | facts")
+    c.add_argument("--methods", default=None, help="comma list (default all): adapter, dora, full, ia3, lora, "
+                                                    "prefix, prompt, qlora")
+    c.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60)")
+    c.add_argument("--batch", type=int, default=None, help="examples per step (default 4)")
+    c.add_argument("--seq-len", type=int, default=None, help="training row length (default 80)")
+    c.add_argument("--n-train", type=int, default=None, help="training examples (default: three epochs' worth)")
+    c.add_argument("--n-eval", type=int, default=None, help="validation and test examples each (default 50)")
+    c.add_argument("--lr", action="append", metavar="METHOD=LR[,LR...]",
+                   help="learning rates swept for a method (default: a grid per method)")
+    c.add_argument("--lora-variants", default="qv,r16",
+                   help="LoRA/DoRA/QLoRA variants tried at the best rate: qv (q,v only), r16 (double rank); '' none")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    c.add_argument("--out", default="out/compare", help="report directory (report.md, report.json, plots, runs)")
+    c.set_defaults(fn=cmd_compare)
 
     t = sub.add_parser("train", help="train (any --method) from a TOML/YAML config; resumes automatically")
     t.add_argument("--config", default=None, help="run config (.toml or .yaml); see jlora/run.py for the keys")

@@ -1,0 +1,123 @@
+"""`jlora compare` in its reduced form on a tiny model: every method that exists gets every column, the numbers
+agree with independent measurements (parameter report, files on disk, forgetting recomputed from the saved
+adapter), the plots are valid PNGs, the sweep is recorded, and bad input is refused naming the known options."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import jlora
+from jlora import compare as C, tasks
+from test_doctests import tiny_tokenizer
+
+COLUMNS = ("method", "trainable_params", "trainable_percent", "peak_memory_bytes", "tokens_per_s", "step_time_s",
+           "adapter_bytes", "score_before", "score_after", "forgetting", "overfitting_gap", "learning_rate",
+           "decode_tokens_per_s_unmerged", "train_loss", "heldout_loss", "general_loss_before",
+           "general_loss_after", "loss_curve")
+CFG = dataclasses.replace(jlora.preset("tiny-llama"), max_positions=256)
+CC = C.CompareConfig(steps=4, batch_size=2, seq_len=160, n_train=12, n_eval=2, general_tokens=300, decode_tokens=2,
+                     learning_rates={"lora": (1e-3, 1e-2), **{m: (1e-2,) for m in C.known_methods() if m != "lora"}},
+                     lora_variants=("qv",))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("compare"))
+    params = jlora.init_params(CFG, jax.random.key(0))
+    lines = []
+    rep = C.compare(CFG, params, tiny_tokenizer(), "facts", out, CC, log=lines.append, model_name="tiny-llama")
+    return out, params, rep, lines
+
+
+def test_every_method_gets_every_column_and_the_files(report):
+    out, _, rep, _ = report
+    assert [r["method"] for r in rep["methods"]] == C.known_methods()
+    for r in rep["methods"]:
+        for col in COLUMNS:
+            assert r.get(col) is not None, (r["method"], col)
+        assert r["peak_memory_bytes"] > 0 and r["adapter_bytes"] > 0 and r["tokens_per_s"] > 0
+        assert 0 <= r["score_after"] <= 1 and len(r["loss_curve"]) >= 2
+        # merged decoding exists exactly for the methods that can be merged
+        assert (r["decode_tokens_per_s_merged"] is None) == (r["method"] in ("adapter", "prefix", "prompt"))
+    assert json.load(open(os.path.join(out, "report.json"))) == json.loads(json.dumps(rep))
+    md = open(os.path.join(out, "report.md")).read()
+    assert all(f"| {m} |" in md for m in C.known_methods())
+    for name in C.PLOTS:
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+        from PIL import Image
+
+        with Image.open(os.path.join(out, name)) as im:
+            im.verify()
+    # the sweep: two learning rates for LoRA, then its q,v variant at the better one; one point elsewhere
+    lora = [s for s in rep["sweep"] if s["method"] == "lora"]
+    assert [s["learning_rate"] for s in lora[:2]] == [1e-3, 1e-2] and lora[2]["variant"] == "qv"
+    assert lora[2]["options"]["target_modules"] == ["q_proj", "v_proj"]
+    best = min(lora, key=lambda s: s["val_loss"])
+    chosen = next(r for r in rep["methods"] if r["method"] == "lora")
+    assert chosen["learning_rate"] == best["learning_rate"] and chosen["options"] == best["options"]
+    assert len(rep["sweep"]) == len(C.known_methods()) + 1 + 3  # + LoRA's second rate and the variants
+    assert rep["n_train"] == 12 and rep["epochs"] == pytest.approx(4 * 2 / 12)
+
+
+def test_numbers_agree_with_independent_measurements(report):
+    out, params, rep, _ = report
+    from jlora.peft import base as B
+
+    tok = tiny_tokenizer()
+    gen = C._general_batches(C.general_text(CC.general_tokens, tok), CC.seq_len, CC.batch_size)
+    before = C.mean_loss(CFG, params, gen)
+    for r in rep["methods"]:
+        kind, quant = C.ROWS.get(r["method"], (r["method"], None))
+        base = params if quant is None else jlora.quant.quantize_params(CFG, params, quant)
+        if quant is None:
+            assert r["general_loss_before"] == pytest.approx(before, rel=1e-6)
+        adir = os.path.join(out, r["adapter_dir"])
+        assert r["adapter_bytes"] == sum(os.path.getsize(os.path.join(adir, f)) for f in os.listdir(adir))
+        if kind == "full":
+            _, tuned = jlora.load_pretrained(adir)
+            assert r["trainable_params"] == CFG.num_params() and r["trainable_percent"] == pytest.approx(100)
+        else:
+            tuned = jlora.load_adapter(CFG, base, adir)
+            fresh = B.get(kind).init(jax.random.key(0), CFG, base, B.get(kind).make_config(dict(r["options"])))
+            assert r["trainable_params"] == jlora.param_report(fresh)["trainable"], r["method"]
+            assert r["trainable_percent"] == pytest.approx(100 * r["trainable_params"] / CFG.num_params())
+        # forgetting recomputed from the saved files (float32 adapters: the same numbers)
+        after = C.mean_loss(CFG, tuned, gen)
+        assert r["general_loss_after"] == pytest.approx(after, rel=1e-5, abs=1e-5), r["method"]
+        assert r["forgetting"] == pytest.approx(r["general_loss_after"] - r["general_loss_before"], abs=1e-9)
+        assert r["overfitting_gap"] == pytest.approx(r["heldout_loss"] - r["train_loss"], abs=1e-9)
+    full = next(r for r in rep["methods"] if r["method"] == "full")
+    lora = next(r for r in rep["methods"] if r["method"] == "lora")
+    assert full["peak_memory_bytes"] > lora["peak_memory_bytes"]  # AdamW state of every weight
+
+
+def test_tasks_and_bad_input(tmp_path):
+    for name in tasks.TASKS:
+        tr, va, te = tasks.get(name).splits(36, 6, seed=0)
+        assert len(va) == len(te) == 6 and len(tr) == 36
+        assert not {ex["prompt"] for ex in te} & {ex["prompt"] for ex in tr}  # held-out questions are new
+    with pytest.raises(ValueError, match="unknown task 'poems'; known tasks: dates, facts"):
+        tasks.get("poems")
+    with pytest.raises(ValueError, match="raise n_train to at least 24"):
+        tasks.get("facts").splits(6, 6, seed=0)
+    with pytest.raises(ValueError, match=r"unknown method 'lorra'; known methods: adapter, dora, full, ia3, lora"):
+        C.CompareConfig(methods=("lorra",)).rows()
+    with pytest.raises(ValueError, match="expected METHOD=LR"):
+        C.parse_lrs(["lora:1e-3"])
+
+
+def test_cli_refuses_unknowns_without_a_traceback(capsys):
+    from jlora.cli import main
+
+    assert main(["compare", "--model", "tiny-llama", "--task", "dates", "--methods", "lora,foo", "--out", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown method 'foo'" in err and "Traceback" not in err
+    assert main(["compare", "--model", "tiny-llama", "--task", "poems", "--out", "x"]) == 1
+    assert "unknown task 'poems'; known tasks: dates, facts" in capsys.readouterr().err
+    assert main(["compare", "--model", "tiny-llama", "--task", "dates", "--out", "x"]) == 1  # no tokenizer
+    assert "a tokenizer" in capsys.readouterr().err
