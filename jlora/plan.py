@@ -20,20 +20,31 @@ and under FSDP on simulated devices).
 
 The activation model (bytes kept for the backward pass; ``a`` = bytes of the compute dtype, ``BT`` = tokens
 per device, ``d, f, q, kv`` = model width, MLP width, query and key/value widths, ``S`` = attended keys,
-``H`` = query heads):
+``H`` = query heads, ``V`` = vocabulary padded to 128):
 
-* per layer, without remat: ``a * BT * (c_d d + c_qkv (q + 2 kv) + c_f f) + c_s a_s H BT S`` (the attention
-  scores/probabilities, ``a_s`` = 4 bytes: softmax runs in float32), with coefficients per (architecture,
-  whether the base's weights train) calibrated against XLA's buffer assignment (`_COEF`); full fine-tuning also
-  keeps every matmul input for the weight gradients. Method nodes add what they keep per token (a LoRA
-  factor's ``[BT, r]``, an IA3 scale's ``[BT, out]``, a bottleneck's ``[BT, bottleneck]``; prefix tuning adds
-  ``P`` keys, prompt tuning ``P`` positions);
+* per layer, without remat: ``a BT (c_d d + c_qkv (q + 2 kv) + c_f f) + 4 c_s H B T S`` (the last term: the
+  attention scores/probabilities of XLA's attention, softmax in float32; cuDNN's fused attention on a GPU keeps
+  none, so there the estimate errs high), coefficients per (architecture, whether the base's weights train)
+  fitted to XLA's buffer assignment (`_COEF`); full fine-tuning keeps more (every matmul input, for the weight
+  gradients). Method nodes add what they keep per token (a LoRA factor's ``[BT, r]``, DoRA's ``[BT, out]``, an
+  IA3 scale's ``[BT, in or out]``, a bottleneck's ``[BT, bottleneck]``); prefix tuning adds ``P`` keys, prompt
+  tuning ``P`` positions. The backward pass stops at the lowest trainable leaf: layers below it keep nothing
+  (a bottleneck adapter after the first MLP needs none of the first layer);
 * with remat (``cfg.remat``: each block recomputed in the backward pass), every layer keeps only its input
-  ``a * BT * d`` and one layer's working set is live at a time;
-* the head: ``c_v * 4 * BT * V`` (float32 logits, their exponentials and gradient; ``V`` padded to 128).
+  ``a BT d`` and one layer's working set is live at a time;
+* the loss head: ``4 c_v BT V`` (float32 logits, their exponentials and gradient), plus a padded copy of the
+  head matrix when the vocabulary is not a multiple of 128;
+* full fine-tuning: the embedding/head gradients are made first and live through the backward pass.
 
-The step's peak is ``state + max(activations, gradients + optimizer temporaries)``: the activations are freed
-layer by layer while the gradients fill up, so the two rarely peak together.
+The step's peak is ``state + max(activations + early gradients, gradients + AdamW temporaries)``: the
+activations are freed layer by layer while the gradients fill up, so the two do not peak together. Parameters,
+gradients and optimizer state divide by ``fsdp x tensor``; activations follow the batch per device
+(``batch / (data x fsdp)``); FSDP adds two layers of gathered weights.
+
+On ``cpu`` (`Plan.bytes_on`) two facts of XLA's CPU compiler, measured, change the answer: 16-bit activations
+take float32 buffers, and remat saves nothing (the recomputation is scheduled early, so its buffers are as
+live as stored activations: the compiled step's temporaries are equal with and without remat). The remat model
+for GPUs and TPUs (whose schedulers do realize it) is not checked against XLA here.
 
 Example:
   >>> p = plan(cfg, "lora", batch=2, seq=16)
@@ -44,6 +55,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -220,13 +232,25 @@ def abstract_state(cfg, method: str = "lora", method_options: Optional[dict] = N
       quantize: None, ``"nf4"``, ``"fp4"``, ``"int8"`` or a `jlora.quant.QuantConfig` (the frozen base).
       base_dtype: storage of the frozen base of a PEFT method (default float32); full fine-tuning trains fp32.
     """
+    key = json.dumps(method_options or {}, sort_keys=True, default=str)
+    q = quantize if quantize is None or isinstance(quantize, (str, dict)) else dataclasses.astuple(quantize)
+    return _abstract_state(cfg, method, key, json.dumps(q, sort_keys=True), base_dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_state(cfg, method, options_json, quantize_json, base_dtype):
+    # Cached: the decision matrix and `what_it_takes` plan the same trees many times (a 70B tree takes ~1 s).
     import jax
     import jax.numpy as jnp
 
     from jlora import train
     from jlora import tree as T
     from jlora.model import init_params
+    from jlora.quant import QuantConfig
 
+    method_options, quantize = json.loads(options_json), json.loads(quantize_json)
+    if isinstance(quantize, list):
+        quantize = QuantConfig(*quantize)
     m, mcfg = _method_config(method, method_options)
     if quantize and m.kind == "full":
         raise ValueError(f"quantize {quantize!r} with method 'full': a quantized base is frozen; plan an adapter on "
@@ -552,7 +576,8 @@ def measure(cfg, method: str = "lora", method_options: Optional[dict] = None, qu
             base_dtype: Optional[str] = None) -> Dict[str, int]:
     """Compiles the real train step on the abstract state (nothing allocated) and returns XLA's memory analysis
     per device: ``argument``, ``output``, ``alias``, ``temp`` and ``total`` (= argument + output - alias + temp,
-    the step's peak with the state donated). ``mesh`` needs that many devices (e.g. simulated CPU devices)."""
+    the step's peak with the state donated) and ``backend``. ``mesh`` needs that many devices (e.g. simulated
+    CPU devices). Compare it with ``Plan.bytes_on("cpu")`` on CPU, ``Plan.total_bytes`` on an accelerator."""
     import jax
 
     from jlora import parallel, train
@@ -576,6 +601,7 @@ def measure(cfg, method: str = "lora", method_options: Optional[dict] = None, qu
     out = {"argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
            "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes)}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    out["backend"] = jax.default_backend()
     return out
 
 
@@ -587,28 +613,37 @@ FSDP_DEGREES = (2, 4, 8, 16, 32, 64)
 
 
 def what_it_takes(p: Plan, name: str) -> str:
-    """How the planned run could fit one ``name`` device each: ``"fits"``, ``"remat"``, ``"fsdp=N"``,
-    ``"remat + fsdp=N"``, or ``"does not fit (needs more than 64 devices)"`` (from this plan's numbers)."""
-    limit = USABLE * device(name).memory_bytes
+    """How the planned run could fit ``name`` devices: ``"fits"``, ``"remat"``, ``"remat + fsdp=N"`` (N devices,
+    the global batch split over them: one sequence per device at least), or ``"does not fit ..."``.
+
+    On ``cpu`` (this machine) neither helps: XLA's CPU scheduler does not realize remat, and one machine has
+    no FSDP; the answer is then how much memory is missing."""
+    d = device(name)
+    limit = USABLE * d.memory_bytes
     if p.fits(name):
         return "fits"
+    if d.name == "cpu":
+        return f"does not fit (needs {fmt_bytes(p.bytes_on(name))}, {fmt_bytes(limit)} usable)"
     if not p.remat and p.with_remat(True) <= limit:
         return "remat"
     return _fsdp_advice(p, limit)
 
 
 def _fsdp_advice(p: Plan, limit: float) -> str:
-    # Parameters, gradients and optimizer state divide by the FSDP degree n; the batch per device stays.
+    # Parameters, gradients and optimizer state divide by the FSDP degree n; activations follow the batch per
+    # device, the global batch split over data x n (at least one sequence per device).
     c = p.components
     n0 = max(1, p.mesh["fsdp"] * p.mesh["tensor"])
     flat = {k: v * n0 for k, v in c.items() if k in ("params_frozen", "params_trainable", "gradients", "optimizer",
-                                                     "optimizer_temp")}
+                                                     "optimizer_temp", "early_gradients")}
     layer = (flat["params_frozen"] + flat["params_trainable"]) / p.n_layers
+    b0 = max(1, p.batch // (p.mesh["data"] * p.mesh["fsdp"]))
     for n in FSDP_DEGREES:
         if n <= n0:
             continue
+        b = max(1, p.batch // (p.mesh["data"] * n))
         state = (flat["params_frozen"] + flat["params_trainable"] + flat["optimizer"]) / n + c["batch"]
-        acts = p.activations_remat
+        acts = p.activations_remat * b / b0 + flat["early_gradients"] / n
         tot = state + max(acts, (flat["gradients"] + flat["optimizer_temp"]) / n) + 2 * layer
         if tot <= limit:
             return f"remat + fsdp={n}"
@@ -660,6 +695,7 @@ def format_plan(p: Plan, device_name: Optional[str] = None, measured: Optional[d
     rows = [("parameters, frozen", c["params_frozen"]), ("  of which quantized base", c["quantized_base"]),
             ("parameters, trainable", c["params_trainable"]), ("gradients", c["gradients"]),
             ("optimizer state (Adam mu, nu)", c["optimizer"]), ("optimizer temporaries", c["optimizer_temp"]),
+            ("embedding/head gradients (early)", c["early_gradients"]),
             (f"activations ({'remat' if p.remat else 'no remat'})", c["activations"]),
             (f"activations ({'no remat' if p.remat else 'with remat'})",
              p.activations_no_remat if p.remat else p.activations_remat),
@@ -673,8 +709,11 @@ def format_plan(p: Plan, device_name: Optional[str] = None, measured: Optional[d
         lines.append("XLA's memory analysis of the compiled step (per device):")
         for k in ("argument", "output", "alias", "temp", "total"):
             lines.append(f"  {k:34s} {fmt_bytes(measured[k]):>12s}")
-        err = (p.total_bytes - measured["total"]) / max(measured["total"], 1)
-        lines.append(f"  estimate vs XLA total: {100 * err:+.1f}%")
+        est = p.bytes_on("cpu") if measured.get("backend") == "cpu" else p.total_bytes
+        err = (est - measured["total"]) / max(measured["total"], 1)
+        where = " (the estimate for cpu: float32 activations, no remat saving)" if measured.get("backend") == "cpu" \
+            else ""
+        lines.append(f"  estimate {fmt_bytes(est)} vs XLA total: {100 * err:+.1f}%{where}")
     lines += ["", f"checkpoint on disk: {fmt_bytes(p.adapter_bytes)} "
                   f"({'the model' if p.method == 'full' else 'the adapter'}), training checkpoint "
                   f"{fmt_bytes(p.checkpoint_bytes)} (with optimizer state)",
@@ -707,7 +746,9 @@ def format_matrix(rows: List[dict], devices: Sequence[str] = tuple(DEVICES)) -> 
 
 
 def _short(s: str) -> str:
-    return "no (>64 dev)" if s.startswith("does not") else s
+    if s.startswith("does not fit (needs more than"):
+        return "no (>64 dev)"
+    return "no" if s.startswith("does not") else s
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -766,17 +807,14 @@ def _options(a) -> dict:
 
 
 def _simulate_devices(n: int) -> None:
-    # On CPU a mesh of n devices is simulated (as the tests do); this only works before JAX starts its backend.
+    # A mesh of n devices on CPU is simulated (as the tests do). This only takes effect before JAX starts its
+    # backends, and only for the CPU backend (a machine with n accelerators uses them).
     import jax
 
     try:
-        if jax.device_count() >= n:
-            return
-    except RuntimeError:
-        pass
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:
+        if jax.config.jax_num_cpu_devices < n:
+            jax.config.update("jax_num_cpu_devices", n)
+    except (AttributeError, RuntimeError):
         pass
 
 
@@ -789,11 +827,13 @@ def run_cli(a) -> str:
     B.get(a.method)  # an unknown method: the error lists the known ones
     if a.matrix:
         devs = [a.device] if a.device else list(DEVICES)
-        rows = decision_matrix(batch=a.batch, seq=a.seq, dtype=a.dtype or "bfloat16", devices=devs)
+        rows = decision_matrix(MATRIX_MODELS, batch=a.batch, seq=a.seq, dtype=a.dtype or "bfloat16", devices=devs)
         if a.json:
             return json.dumps(rows, indent=2)
-        return (f"what it takes to fine-tune, per device (batch {a.batch} x seq {a.seq}, bf16 compute; LoRA r=8 on "
-                f"all linear layers; 'fits' on one device as is, else remat and/or FSDP degree)\n"
+        return (f"what it takes to fine-tune (global batch {a.batch} x seq {a.seq}, bf16 compute, AdamW; LoRA r=8 on "
+                f"all linear layers, bf16 base; QLoRA: the same on an NF4 base): 'fits' on one device as is, else "
+                f"with remat, else remat + FSDP over N devices (the batch split over them, at least one sequence "
+                f"each); cpu: this machine, where remat saves nothing under XLA\n"
                 + format_matrix(rows, devs))
     cfg = model_config(a.model)
     kw = dict(method=a.method, method_options=_options(a), quantize=a.quantize, batch=a.batch, seq=a.seq,
@@ -814,7 +854,12 @@ def run_cli(a) -> str:
             out["device"] = a.device
             out["fits"] = p.fits(a.device)
         return json.dumps(out, indent=2)
-    return format_plan(p, a.device, measured)
+    text = format_plan(p, a.device, measured)
+    if a.device and not p.fits(a.device) and a.method != "full" and not a.quantize and a.method == "lora":
+        q = plan(cfg, name=p.model, **dict(kw, quantize="nf4"))
+        text += (f"\nQLoRA (--quantize nf4) would need {fmt_bytes(q.bytes_on(a.device))} per device: "
+                 f"{what_it_takes(q, a.device)}")
+    return text
 
 
 def main(argv=None) -> int:

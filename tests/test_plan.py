@@ -133,7 +133,11 @@ def test_cli_refusals(capsys):
     assert "bogus" in capsys.readouterr().err
 
 
-def test_cli_matrix(capsys):
+def test_cli_matrix(capsys, monkeypatch):
+    monkeypatch.setattr(P, "MATRIX_MODELS", ("gpt2", "llama-70b"))  # the whole matrix takes ~20 s to plan
     assert main(["plan", "--matrix", "--device", "tpu-v5e", "--seq", "256"]) == 0
     out = capsys.readouterr().out
-    assert "llama-70b" in out and "qlora" in out and "gpt2" in out
+    assert "llama-70b" in out and "qlora" in out and "gpt2" in out and "tpu-v5e" in out
+    assert main(["plan", "--matrix", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["method"] for r in rows} == {"full", "lora", "qlora"} and all(d in rows[0] for d in P.DEVICES)
