@@ -838,7 +838,7 @@ def run_cli(a) -> str:
     cfg = model_config(a.model)
     kw = dict(method=a.method, method_options=_options(a), quantize=a.quantize, batch=a.batch, seq=a.seq,
               dtype=a.dtype, remat=a.remat, mesh=a.mesh, base_dtype=a.base_dtype)
-    p = plan(cfg, name=a.model if a.model != "smollm2" else cfg.name if cfg.name != "custom" else a.model, **kw)
+    p = plan(cfg, name=a.model, **kw)
     measured = None
     if a.measure:
         if a.mesh:
