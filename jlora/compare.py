@@ -79,6 +79,8 @@ class CompareConfig:
       general_tokens: tokens of general text for the forgetting measure.
       decode_tokens: new tokens per prompt when timing decoding.
       seed: data and initialization seed.
+      keep_checkpoints: keep every sweep point's training checkpoint under ``runs/`` (default: only its
+        metrics.jsonl and TensorBoard events stay; the chosen configurations are saved under ``adapters/``).
     """
 
     methods: Tuple[str, ...] = ()
@@ -94,6 +96,7 @@ class CompareConfig:
     general_tokens: int = 4096
     decode_tokens: int = 16
     seed: int = 0
+    keep_checkpoints: bool = False
 
     def rows(self) -> List[str]:
         rows = list(self.methods) or known_methods()
@@ -338,6 +341,10 @@ def compare(cfg, params, tok, task: str, out_dir: str, cc: CompareConfig = Compa
         trained = res.state.params
         val = mean_loss(cfg, trained, val_b, eval_step)
         log(f"  {tag}: val loss {val:.4f} ({wall:.0f} s)")
+        if not cc.keep_checkpoints:  # a full fine-tuning checkpoint is the whole model + Adam state, per point
+            for name in os.listdir(run_dir):
+                if name.isdigit():
+                    shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
         point = {"method": row, "kind": kind, "quantize": quant, "options": options, "learning_rate": lr,
                  "val_loss": val, "final_train_loss": res.history[-1]["loss"] if res.history else None,
                  "seconds": wall}

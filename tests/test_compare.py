@@ -7,7 +7,6 @@ import json
 import os
 
 import jax
-import numpy as np
 import pytest
 
 import jlora
@@ -62,6 +61,9 @@ def test_every_method_gets_every_column_and_the_files(report):
     assert chosen["learning_rate"] == best["learning_rate"] and chosen["options"] == best["options"]
     assert len(rep["sweep"]) == len(C.known_methods()) + 1 + 3  # + LoRA's second rate and the variants
     assert rep["n_train"] == 12 and rep["epochs"] == pytest.approx(4 * 2 / 12)
+    for run in os.listdir(os.path.join(out, "runs")):  # metrics kept, checkpoints not (keep_checkpoints=False)
+        files = os.listdir(os.path.join(out, "runs", run))
+        assert "metrics.jsonl" in files and not any(f.isdigit() for f in files), (run, files)
 
 
 def test_numbers_agree_with_independent_measurements(report):
