@@ -95,7 +95,6 @@ def _write_merged(path, cfg, params, a):
 
     import jlora
     from jlora import quant as Q
-
     from jlora.quant_gguf import is_gguf_quantized
 
     kinds = sorted({_quant_name(b) for b in (jlora.strip(k) for k in jlora.tree.linear_modules(params).values())
