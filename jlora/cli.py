@@ -240,8 +240,9 @@ def cmd_plan(a):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jlora", description="Fine-tune GPT-style language models in JAX: "
-                                "train (full, LoRA, DoRA, IA3, bottleneck adapters, prefix and prompt tuning), evaluate, convert "
-                                "checkpoints, generate, merge and export adapters.")
+                                "train (full, LoRA, QLoRA, DoRA, IA3, bottleneck adapters, prefix and prompt tuning), "
+                                "evaluate, convert checkpoints, generate, merge and export adapters, compare every "
+                                "method measured, plan memory per device.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     model_help = "HF model dir or .gguf file (default: the built-in SmolLM2-135M-Instruct)"
 
