@@ -122,10 +122,16 @@ def _qv(arch: str) -> List[str]:
     return ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
 
 
-def _default_options(kind: str, arch: str) -> Dict:
-    if kind in ("lora", "dora"):
+def _default_options(kind: str) -> Dict:
+    """Defaults by what the method's config declares (the registry), never by its name: a rank-based kernel
+    method gets r=8, alpha 16 on every linear layer; a virtual-token method 10 tokens; others their own."""
+    from jlora.peft import base as B
+
+    config = B.get(kind).config
+    fields = {f.name for f in dataclasses.fields(config)} if config is not None else set()
+    if {"r", "alpha", "target_modules"} <= fields:
         return {"r": 8, "alpha": 16, "target_modules": "all-linear"}
-    if kind in ("prefix", "prompt"):
+    if "num_virtual_tokens" in fields:
         return {"num_virtual_tokens": 10}
     return {}
 
@@ -353,7 +359,7 @@ def compare(cfg, params, tok, task: str, out_dir: str, cc: CompareConfig = Compa
     records, sweep = [], []
     for row in rows:
         kind, quant = ROWS.get(row, (row, None))
-        options = {**_default_options(kind, cfg.arch), **cc.method_options.get(row, {})}
+        options = {**_default_options(kind), **cc.method_options.get(row, {})}
         lrs = tuple(cc.learning_rates.get(row) or DEFAULT_LRS.get(kind, DEFAULT_LR))
         log(f"{row}: sweep over learning rates {', '.join(f'{x:g}' for x in lrs)}")
         best = None
@@ -362,7 +368,7 @@ def compare(cfg, params, tok, task: str, out_dir: str, cc: CompareConfig = Compa
             sweep.append(point)
             if best is None or point["val_loss"] < best[0]["val_loss"]:
                 best = (point, trained, res, mem)
-        if kind in ("lora", "dora") and "r" in options:
+        if "r" in options:  # rank-based methods (LoRA, DoRA, QLoRA): the target-set and rank variants
             for v in cc.lora_variants:
                 point, trained, res, mem = run(row, kind, quant, _variant(options, v, cfg.arch),
                                                best[0]["learning_rate"])

@@ -59,7 +59,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 GiB = 1024 ** 3
 
@@ -855,7 +855,7 @@ def run_cli(a) -> str:
             out["fits"] = p.fits(a.device)
         return json.dumps(out, indent=2)
     text = format_plan(p, a.device, measured)
-    if a.device and not p.fits(a.device) and a.method != "full" and not a.quantize and a.method == "lora":
+    if a.device and not p.fits(a.device) and not a.quantize and a.method == "lora":
         q = plan(cfg, name=p.model, **dict(kw, quantize="nf4"))
         text += (f"\nQLoRA (--quantize nf4) would need {fmt_bytes(q.bytes_on(a.device))} per device: "
                  f"{what_it_takes(q, a.device)}")
