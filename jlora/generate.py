@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import ModelConfig
+from jlora.kernels import repeat_rows
 from jlora.model import forward, init_cache, lm_head, virtual_tokens
 
 # A finite "impossible" score, the value transformers' beam search uses: finite so that sums stay ordered.
@@ -185,6 +186,7 @@ def _beam_loop(cfg, params, cache, logits, tokens, mask, max_new, length_penalty
     c = max(2, 1 + eos.shape[0]) * k
     rep = lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x  # noqa: E731
     cache = jax.tree_util.tree_map(rep, cache)
+    params = repeat_rows(params, k)  # a row's own adapter (an adapter set) for each of its beams
     logits = rep(logits)
     tok_rep = rep(tokens)
     hist_valid = jnp.concatenate([rep(mask), jnp.ones((b * k, n_buf), bool)], axis=1)

@@ -84,6 +84,15 @@ class Node:
         """This node with a PRNG key for training-time randomness (dropout); default: unchanged."""
         return self
 
+    def with_rows(self, rows):
+        """This node with per-row selector ids ``rows`` ``[B]`` (a node that computes something different for
+        each batch row, e.g. an adapter set's kernel, `jlora.peft.multi`); default: unchanged."""
+        return self
+
+    def repeat_rows(self, k: int):
+        """This node with its per-row ids repeated ``k`` times each (beam search runs ``k`` beams per row)."""
+        return self
+
     def logical_sizes(self):
         """This node with every array replaced by the number of parameters it stands for (default: its size; a
         wrapped node, e.g. a quantized base under LoRA, counts its own)."""
@@ -113,6 +122,18 @@ class KernelWrapper(Node):
     def strip(self):
         """The kernel without this method's adapter (default: the wrapped ``base``, itself stripped)."""
         return strip_kernel(self.base)
+
+    def row_terms(self):
+        """What this wrapper adds to its base, in the one form a per-row adapter set can hold
+        (`jlora.peft.multi`), or None when it has no such form (the default).
+
+        Returns:
+          None, or a dict with ``"base"`` (the wrapped kernel) and any of: ``"a"`` ``[in, r]``, ``"b"``
+          ``[r, out]`` and ``"scale"`` (a float) for a low-rank update ``scale * (x @ a) @ b``; ``"col"`` ``[out]``
+          multiplying ``x @ W + update`` before the bias; ``"in_scale"`` ``[in]`` multiplying the input of the
+          base matmul; ``"out_scale"`` ``[out]`` multiplying the output after the bias. Arrays are float32.
+        """
+        return None
 
     def shard(self, spec_in, spec_out, fits: Callable):
         """Per-leaf shardings: this wrapper with each array replaced by a tuple of mesh axes (one per dimension).
@@ -394,6 +415,21 @@ def merge(params):
         return node.merged() if isinstance(node, LeafWrapper) else materialize(node)
 
     return walk(params)
+
+
+def with_rows(params, rows):
+    """Gives every node that selects per batch row (an adapter set's kernels) the row ids ``rows`` ``[B]``.
+
+    Example:
+      >>> with_rows({"w": jnp.ones(2)}, jnp.zeros(3, jnp.int32))["w"].shape  # plain leaves are unchanged
+      (2,)
+    """
+    return jax.tree_util.tree_map(lambda x: x.with_rows(rows) if is_node(x) else x, params, is_leaf=is_node)
+
+
+def repeat_rows(params, k: int):
+    """Repeats the per-row ids of every row-selecting node ``k`` times each (``jnp.repeat``): beam search."""
+    return jax.tree_util.tree_map(lambda x: x.repeat_rows(k) if is_node(x) else x, params, is_leaf=is_node)
 
 
 def with_rngs(params, key):

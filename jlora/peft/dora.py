@@ -105,6 +105,11 @@ class DoRA(KernelWrapper):
         v = base.astype(jnp.float32) + self.delta()
         return ((self.m.astype(jnp.float32) / _column_norm(v)) * v).astype(base.dtype)
 
+    def row_terms(self):
+        # Outside training the norm is a constant: s = m / ||V|| scales x @ W + update (before any bias).
+        return {"base": self.base, "a": self.a.astype(jnp.float32), "b": self.b.astype(jnp.float32),
+                "scale": float(self.scale), "col": self.m.astype(jnp.float32) / self.weight_norm()}
+
     def labels(self, label_base):
         return self.replace(base=label_base(self.base), a=LORA_A, b=LORA_B, m=DORA_MAGNITUDE, rng=None)
 

@@ -88,6 +88,9 @@ class IA3(KernelWrapper):
             bias = (bias.astype(jnp.float32) * self.scale.astype(jnp.float32)).astype(bias.dtype)
         return kernel, bias
 
+    def row_terms(self):
+        return {"base": self.base, ("in_scale" if self.feedforward else "out_scale"): self.scale.astype(jnp.float32)}
+
     def labels(self, label_base):
         return self.replace(base=label_base(self.base), scale=IA3_L)
 

@@ -94,6 +94,10 @@ class LoRA(KernelWrapper):
         base = materialize(self.base)
         return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
 
+    def row_terms(self):
+        b = self._delta_columns(self.b.astype(jnp.float32), self.shape[-1])  # fused-qkv slices: zero columns
+        return {"base": self.base, "a": self.a.astype(jnp.float32), "b": b, "scale": float(self.scale)}
+
     def labels(self, label_base):
         return self.replace(base=label_base(self.base), a=LORA_A, b=LORA_B, rng=None)
 
