@@ -283,7 +283,7 @@ class AdapterSet:
         """Rebuilds every stacked array with room for all adapters (a new shape: the next call compiles)."""
         n = len(self._adapters)
         while self._slots - 1 < n:
-            self._slots *= 2
+            self._slots = 2 * (self._slots - 1) + 1  # twice the adapter slots, plus the base's
         self._rank = max(self._rank, _pow2(rank))
         for i, name in enumerate(sorted(self._adapters, key=lambda k: (self._adapters[k]["slot"] is None,
                                                                        self._adapters[k]["slot"] or 0))):
