@@ -855,11 +855,20 @@ def run_cli(a) -> str:
             out["fits"] = p.fits(a.device)
         return json.dumps(out, indent=2)
     text = format_plan(p, a.device, measured)
-    if a.device and not p.fits(a.device) and not a.quantize and a.method == "lora":
+    if a.device and not p.fits(a.device) and not a.quantize and _wraps_kernels(a.method):
         q = plan(cfg, name=p.model, **dict(kw, quantize="nf4"))
         text += (f"\nQLoRA (--quantize nf4) would need {fmt_bytes(q.bytes_on(a.device))} per device: "
                  f"{what_it_takes(q, a.device)}")
     return text
+
+
+def _wraps_kernels(kind: str) -> bool:
+    """Whether a method's nodes wrap the base kernels, so that the base under them can be quantized (QLoRA)."""
+    from jlora.kernels import KernelWrapper
+    from jlora.peft import base as B
+
+    m = B.get(kind)
+    return any(isinstance(n, type) and issubclass(n, KernelWrapper) for n in m.nodes)
 
 
 def main(argv=None) -> int:

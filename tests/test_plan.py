@@ -130,6 +130,10 @@ def test_cli_does_not_fit_is_an_answer(capsys):
     assert "does not fit gpu-80g" in out and "GiB" in out and "fsdp" in out
     assert main(["plan", "--model", "llama-70b", "--method", "full", "--device", "gpu-80g", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is False
+    # Methods that wrap the base kernels get the QLoRA hint (the registry says which); full fine-tuning does not.
+    for method, hint in (("dora", True), ("lora", True), ("prompt", False)):
+        assert main(["plan", "--model", "llama-70b", "--method", method, "--device", "gpu-24g"]) == 0
+        assert ("QLoRA (--quantize nf4) would need" in capsys.readouterr().out) is hint, method
 
 
 def test_cli_refusals(capsys):

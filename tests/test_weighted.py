@@ -68,13 +68,17 @@ def _numpy_svd(a, full_matrices=True, driver=None):
 
 @pytest.fixture
 def same_randomness(monkeypatch):
-    """PEFT with numpy's SVD and fixed DARE masks; returns the matching ``dare_mask`` for jlora."""
+    """PEFT with numpy's SVD and fixed DARE masks; returns ``opts -> opts`` with the matching ``dare_mask`` for
+    jlora added to the options of a DARE type."""
     monkeypatch.setattr(torch.linalg, "svd", _numpy_svd)
     monkeypatch.setattr(torch, "bernoulli", lambda p: torch.from_numpy(_mask(tuple(p.shape), float(p.flatten()[0]))))
-    return lambda module, factor, index, shape: _mask(shape, DENSITY[0])
 
+    def jlora_opts(ctype, opts):
+        if not ctype.startswith("dare"):
+            return opts
+        return dict(opts, dare_mask=lambda module, factor, index, shape: _mask(shape, opts["density"]))
 
-DENSITY = [None]  # the density of the running case (the patched bernoulli reads it from its input instead)
+    return jlora_opts
 
 
 def _make(kind, models, tmp_path_factory, configs, extra=None):
@@ -146,16 +150,16 @@ def _compare(env, ref, tree, exact_factors=True):
     return worst
 
 
-def _logits(env, tree):
-    return np.asarray(jlora.apply(env["cfg"], tree, TOKENS))
+def _logits(env, tree, merged=True):
+    """The logits of the combined adapter; by default through `jlora.merge` (one compilation for every rank:
+    the LoRA forward of such trees is compared with PEFT in test_cat_is_exact_and_saved_adapter_loads_in_peft)."""
+    return np.asarray(jlora.apply(env["cfg"], jlora.merge(tree) if merged else tree, TOKENS))
 
 
 @pytest.mark.parametrize("ctype,names,weights,opts", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_every_type_matches_peft_llama(llama, ctype, names, weights, opts, same_randomness):
-    DENSITY[0] = opts.get("density")
     ref, ref_logits = _peft_combine(llama, names, weights, ctype, **opts)
-    kw = dict(opts, dare_mask=same_randomness) if ctype.startswith("dare") else opts
-    tree = W.combine_adapters([llama["trees"][n] for n in names], weights, ctype, **kw)
+    tree = W.combine_adapters([llama["trees"][n] for n in names], weights, ctype, **same_randomness(ctype, opts))
     worst = _compare(llama, ref, tree)
     out = _logits(llama, tree)
     assert np.abs(ref_logits - hf_logits(llama["hf"], TOKENS)).max() > 1e-3  # the combination does something
@@ -169,7 +173,6 @@ def test_gpt2_with_fused_slices_matches_peft(gpt2, models, tmp_path, ctype, opts
     """A jlora adapter on the q and v slices of GPT-2's fused c_attn (exported to PEFT with zero rows) combined
     with PEFT adapters: the slices are expanded to full columns, as PEFT sees them."""
     hf, cfg, base = models["gpt2"]
-    DENSITY[0] = opts.get("density")
     sliced = jlora.lora.init(jax.random.key(5), cfg, base, jlora.LoraConfig(r=4, alpha=12, target_modules=["c_attn"],
                                                                             fused_qkv=("q", "v"), init=False))
     jlora.save_adapter(cfg, sliced, tmp_path / "sliced")
@@ -177,8 +180,8 @@ def test_gpt2_with_fused_slices_matches_peft(gpt2, models, tmp_path, ctype, opts
     try:
         names, weights = ["ad1", "ad2", "sl"], [0.6, 0.8, -0.5]
         ref, ref_logits = _peft_combine(gpt2, names, weights, ctype, **opts)
-        kw = dict(opts, dare_mask=same_randomness) if ctype.startswith("dare") else opts
-        tree = W.combine_adapters([gpt2["trees"]["ad1"], gpt2["trees"]["ad2"], sliced], weights, ctype, **kw)
+        tree = W.combine_adapters([gpt2["trees"]["ad1"], gpt2["trees"]["ad2"], sliced], weights, ctype,
+                                  **same_randomness(ctype, opts))
     finally:
         gpt2["pm"].delete_adapter("sl")
         gpt2["pm"].set_adapter("ad1")
@@ -214,8 +217,9 @@ def test_cat_is_exact_and_saved_adapter_loads_in_peft(llama, tmp_path, caplog):
         caplog.clear()
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(llama["hf"]), str(d)).eval()
         assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")], caplog.text
-        out = _logits(llama, tree)
+        out = _logits(llama, tree, merged=False)
         np.testing.assert_allclose(hf_logits(loaded, TOKENS), out, atol=TOL, rtol=0)
+        np.testing.assert_allclose(_logits(llama, tree), out, atol=TOL, rtol=0)
         back = jlora.load_adapter(llama["cfg"], llama["base"], d)
         for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tree)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -249,7 +253,8 @@ def test_modules_to_save_as_peft(models, tmp_path_factory):
     tree = W.combine_adapters([trees["s1"], trees["s2"]], [1.0, 0.5], "cat")
     saved = S.saved_modules(tree)
     assert list(saved) == ["lm_head.kernel"]
-    np.testing.assert_array_equal(np.asarray(saved["lm_head.kernel"].base), np.asarray(env["base"]["lm_head"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(saved["lm_head.kernel"].base),
+                                  np.asarray(env["base"]["lm_head"]["kernel"]))
     _compare(env, ref, tree)
     np.testing.assert_allclose(_logits(env, tree), ref_logits, atol=TOL, rtol=0)
     # the second adapter's saved module is not the new adapter's: PEFT keeps none
@@ -281,7 +286,8 @@ def test_dare_key_properties(llama):
         nz_all = []
         for m, r in ref.items():
             root = np.sqrt(float(r.scale))
-            for got, want in ((out[m].a, root * np.asarray(r.a) / density), (out[m].b, root * np.asarray(r.b) / density)):
+            for got, want in ((out[m].a, root * np.asarray(r.a) / density),
+                              (out[m].b, root * np.asarray(r.b) / density)):
                 got = np.asarray(got)
                 nz = got != 0
                 np.testing.assert_allclose(got[nz], want[nz], rtol=1e-5, err_msg=m)
@@ -350,14 +356,19 @@ def test_merge_functions_match_peft(shape, monkeypatch):
 
 
 def test_refusals(llama, models):
+    _, cfg, base = models["llama"]
     t = llama["trees"]
     pair, triple = [t["ad1"], t["ad2"]], [t["ad1"], t["ad2"], t["ad3"]]
+    patterned = jlora.lora.init(jax.random.key(0), cfg, base,
+                                jlora.LoraConfig(r=4, rank_pattern={"v_proj": 2}, init=False))
     bad = [
         (lambda: W.combine_adapters(pair, W2, "average"), r"combination_type must be one of \['svd', 'linear'"),
         (lambda: W.combine_adapters(pair, [1.0], "cat"), "weights must have one entry per adapter: expected 2, got 1"),
         (lambda: W.combine_adapters(pair, [1.0, "x"], "cat"), r"weights\[1\] must be a finite number"),
         (lambda: W.combine_adapters([], [], "cat"), "adapters is empty"),
         (lambda: W.combine_adapters(triple, W3, "linear"), r"needs adapters of equal rank .* ranks \[4, 4, 2\]"),
+        (lambda: W.combine_adapters([t["ad1"], patterned], W2, "linear"),
+         r"needs equal ranks in every module, but model.layers.0.self_attn.v_proj has ranks \[4, 2\]"),
         (lambda: W.combine_adapters(triple, W3, "dare_ties", density=0.5, key=jax.random.key(0)),
          "needs adapters of equal rank"),
         (lambda: W.combine_adapters(pair, W2, "ties"), r"needs density in \[0, 1\] .* got None"),
@@ -382,7 +393,7 @@ def test_refusals(llama, models):
 
 
 def test_refuses_other_methods_and_other_bases(llama, models):
-    hf, cfg, base = models["llama"]
+    _, cfg, base = models["llama"]
     a = llama["trees"]["ad1"]
     dora = jlora.lora.init(jax.random.key(0), cfg, base, jlora.LoraConfig(r=4, use_dora=True, init=False))
     with pytest.raises(ValueError, match=r"adapters\[1\] holds a DoRA node \(method 'dora'\) at model\.layers\.0"):

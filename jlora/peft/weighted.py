@@ -39,7 +39,7 @@ DARE, an SVD rank above a matrix's dimensions) are ValueErrors here.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -212,7 +212,7 @@ def _common_base(adapters, saved: List[dict]):
             _fail(f"{name} is saved whole (modules_to_save) by the only adapter, so its base value is unknown "
                   f"(PEFT's combined adapter saves the base's copy); combine at least two adapters, or drop "
                   f"modules_to_save")
-        for j, v in enumerate(values[1:], 1):
+        for v in values[1:]:
             if not _same(values[0], v):
                 _fail(f"the adapters are on different bases: {name} differs between them (load every adapter "
                       f"onto one base tree)")
@@ -233,7 +233,11 @@ def _check_options(n, weights, combination_type, svd_rank, svd_clamp, density, m
     if len(weights) != n:
         _fail(f"weights must have one entry per adapter: expected {n}, got {len(weights)}")
     for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not math.isfinite(float(w)):
+        try:
+            ok = not isinstance(w, (bool, str)) and math.isfinite(float(w))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             _fail(f"weights[{i}] must be a finite number, got {w!r}")
     svd = combination_type in SVD_TYPES
     if svd_rank is not None and (not svd or isinstance(svd_rank, bool) or not isinstance(svd_rank, int)
