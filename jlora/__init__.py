@@ -8,6 +8,7 @@ Hugging Face / PEFT / GGUF interop. See README.md for the tour; the public surfa
     merged = jlora.merge(params)
     params = jlora.ia3.init(key, cfg, base, jlora.IA3Config())   # any registered method: jlora.methods.get(kind)
     params = jlora.bottleneck.init(key, cfg, base, jlora.DoubleSeqBnConfig())   # AdapterHub's Houlsby adapter
+    s = jlora.AdapterSet(cfg, base); s.add("a", dir_a); s.apply(tokens, ["a", "__base__"])   # mixed batches
 """
 
 from jlora import model_path, parallel, tree
@@ -19,12 +20,13 @@ from jlora.kernels import KernelWrapper, is_wrapper, materialize, matmul, merge
 from jlora.model import apply, forward, init_cache, init_params, lm_head, param_shapes
 from jlora.model_path import DEFAULT_MODEL, default_model_path, find_default_model, resolve_model
 from jlora.peft import base as methods
-from jlora.peft import bottleneck, dora, ia3, lora, prefix, prompt
+from jlora.peft import bottleneck, dora, ia3, lora, multi, prefix, prompt
 from jlora.peft.base import strip
 from jlora.peft.bottleneck import Bottleneck, BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from jlora.peft.dora import DoRA, DoraConfig
 from jlora.peft.ia3 import IA3, IA3Config
 from jlora.peft.lora import LoRA, LoraConfig
+from jlora.peft.multi import AdapterSet, MultiKernel
 from jlora.peft.prefix import Prefix, PrefixConfig
 from jlora.peft.prompt import Prompt, PromptConfig
 from jlora import quant
