@@ -238,11 +238,83 @@ def cmd_plan(a):
     print(run_cli(a))
 
 
+def _named_dirs(specs, flag):
+    out = {}
+    for spec in specs or []:
+        name, eq, path = spec.partition("=")
+        if not eq or not name or not path:
+            raise ValueError(f"{flag} {spec!r}: expected NAME=DIR")
+        if name in out:
+            raise ValueError(f"{flag} {spec!r}: the name {name!r} is given twice")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{flag} {spec!r}: no adapter directory at {path}")
+        out[name] = path
+    return out
+
+
+def cmd_serve(a):
+    """An OpenAI-compatible server: the base and every --adapter, batched across adapters (`jlora.serve`)."""
+    import jlora
+    from jlora import serve as S
+
+    adapters = _named_dirs(a.adapter, "--adapter")
+    for d in a.adapter_dir or []:
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"--adapter-dir {d}: not a directory")
+    path = resolve_model(a.model)
+    cfg, base = jlora.load_pretrained(path, quantize=a.quantize)
+    try:
+        tok = jlora.load_tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--model {path}: jlora serve needs the model's tokenizer ({e})") from None
+    name = a.name or os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    if name in adapters or name == "__base__":
+        raise ValueError(f"--name {name!r}: an adapter has this name (or it is reserved); choose another --name")
+    api_key = a.api_key or os.environ.get("JLORA_API_KEY") or None
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"jlora serve: warning: listening on {a.host} without an API key (--api-key or JLORA_API_KEY): "
+              f"anyone who can reach this port can use it", file=sys.stderr)
+    opts = S.ServeOptions(model_name=name, api_key=api_key, adapter_dirs=a.adapter_dir or [],
+                          max_tokens_limit=a.max_tokens_limit, default_max_tokens=min(256, a.max_tokens_limit),
+                          max_body_bytes=a.max_body_kb * 1024, max_adapter_bytes=a.max_adapter_mb << 20,
+                          request_timeout_s=a.request_timeout)
+    print(f"jlora serve: {name} ({cfg.arch}, {cfg.num_params():,} parameters"
+          f"{', ' + a.quantize.upper() + ' base' if a.quantize else ''}) with "
+          f"{len(adapters)} adapter(s) {sorted(adapters)} on http://{a.host}:{a.port}/v1"
+          f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+    S.serve(cfg, base, tok, adapters, host=a.host, port=a.port, options=opts, max_batch=a.max_batch,
+            queue_size=a.queue_size, log_level=a.log_level, graceful_s=a.shutdown_timeout)
+    print("jlora serve: stopped", file=sys.stderr)
+
+
+def cmd_combine(a):
+    """A weighted combination of LoRA adapters (PEFT's add_weighted_adapter), saved as a normal PEFT adapter."""
+    import jax
+
+    import jlora
+    from jlora.peft.weighted import combine_adapters
+
+    if len(a.weights) != len(a.adapter):
+        raise ValueError(f"--weights: {len(a.weights)} weight(s) for {len(a.adapter)} --adapter(s); give one each")
+    if os.path.exists(a.out) and os.listdir(a.out) and not a.overwrite:
+        raise ValueError(f"--out {a.out}: the directory exists and is not empty (--overwrite replaces it)")
+    path, cfg, base = _load(a.model)
+    trees = [jlora.load_adapter(cfg, base, d) for d in a.adapter]
+    out = combine_adapters(trees, a.weights, a.type, svd_rank=a.svd_rank, svd_clamp=a.svd_clamp,
+                           density=a.density, majority_sign_method=a.majority_sign_method,
+                           key=jax.random.key(a.seed))
+    jlora.save_adapter(cfg, out, a.out, base_model_name_or_path=path)
+    ranks = sorted({n.rank for n in jlora.lora.adapters(out).values()})
+    print(f"combined {len(trees)} adapters ({a.type}, weights {a.weights}) -> {a.out}: LoRA on "
+          f"{len(jlora.lora.adapters(out))} modules, rank {'/'.join(map(str, ranks))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jlora", description="Fine-tune GPT-style language models in JAX: "
                                 "train (full, LoRA, QLoRA, DoRA, IA3, bottleneck adapters, prefix and prompt tuning), "
-                                "evaluate, convert checkpoints, generate, merge and export adapters, compare every "
-                                "method measured, plan memory per device.")
+                                "evaluate, convert checkpoints, generate, merge, combine and export adapters, "
+                                "compare every method measured, plan memory per device, serve many adapters on "
+                                "one base (OpenAI-compatible).")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     model_help = "HF model dir or .gguf file (default: the built-in SmolLM2-135M-Instruct)"
 
@@ -348,6 +420,49 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
 
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for the base and many adapters, batched "
+                                      "across adapters (/v1/completions, /v1/chat/completions, /v1/models, "
+                                      "/v1/adapters)")
+    sv.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    sv.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                    help="serve this adapter (PEFT LoRA, DoRA or IA3 directory) as model NAME (repeatable)")
+    sv.add_argument("--name", default=None, help="the base model's name in /v1/models (default: the model file or "
+                                                 "directory name; '__base__' always works too)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: the "
+                                                    "JLORA_API_KEY environment variable; none: no key)")
+    sv.add_argument("--adapter-dir", action="append", metavar="DIR",
+                    help="allow POST /v1/adapters to load adapters from inside DIR (repeatable; none: run-time "
+                         "loading is off)")
+    sv.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8"],
+                    help="hold the base quantized (QLoRA adapters are served on it)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    sv.add_argument("--queue-size", type=int, default=64, help="requests waiting before 429 (default 64)")
+    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    sv.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may wait and run")
+    sv.add_argument("--max-body-kb", type=int, default=1024, help="request body limit (KiB)")
+    sv.add_argument("--max-adapter-mb", type=int, default=1024, help="size limit of adapters loaded at run time")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="on SIGTERM, seconds running requests get to finish")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(fn=cmd_serve)
+
+    cb = sub.add_parser("combine", help="a weighted combination of LoRA adapters (PEFT's add_weighted_adapter: "
+                                        "svd, linear, cat, ties, dare_*, magnitude_prune), saved as an adapter")
+    cb.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    cb.add_argument("--adapter", action="append", required=True, metavar="DIR", help="a LoRA adapter (repeatable)")
+    cb.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per --adapter")
+    cb.add_argument("--type", default="svd", choices=list(_combination_types()), help="combination type")
+    cb.add_argument("--svd-rank", type=int, default=None)
+    cb.add_argument("--svd-clamp", type=float, default=None)
+    cb.add_argument("--density", type=float, default=None, help="for ties, dare_* and magnitude_prune")
+    cb.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    cb.add_argument("--seed", type=int, default=0, help="for the DARE masks")
+    cb.add_argument("--out", required=True, help="output adapter directory")
+    cb.add_argument("--overwrite", action="store_true")
+    cb.set_defaults(fn=cmd_combine)
+
     from jlora.plan import add_arguments as add_plan_arguments
 
     pl = sub.add_parser("plan", help="memory planner: per-device memory, FLOPs and step time of a run; which "
@@ -355,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(pl)
     pl.set_defaults(fn=cmd_plan)
     return p
+
+
+def _combination_types():
+    from jlora.peft.weighted import COMBINATION_TYPES
+
+    return COMBINATION_TYPES
 
 
 def _add_gen_flags(g):
@@ -375,7 +496,7 @@ def main(argv=None) -> int:
         return 2
     try:
         a.fn(a)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, OSError) as e:
         print(f"jlora {a.cmd}: error: {e}", file=sys.stderr)
         return 1
     return 0
