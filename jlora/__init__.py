@@ -9,6 +9,8 @@ Hugging Face / PEFT / GGUF interop. See README.md for the tour; the public surfa
     params = jlora.ia3.init(key, cfg, base, jlora.IA3Config())   # any registered method: jlora.methods.get(kind)
     params = jlora.bottleneck.init(key, cfg, base, jlora.DoubleSeqBnConfig())   # AdapterHub's Houlsby adapter
     s = jlora.AdapterSet(cfg, base); s.add("a", dir_a); s.apply(tokens, ["a", "__base__"])   # mixed batches
+    c = jlora.combine_adapters([a, b], [0.7, 0.3], "ties", density=0.5)   # PEFT's add_weighted_adapter
+    srv = jlora.serve.start_server(cfg, base, tok, {"a": dir_a})   # OpenAI-compatible; CLI: jlora serve
 """
 
 from jlora import model_path, parallel, tree
@@ -29,7 +31,8 @@ from jlora.peft.lora import LoRA, LoraConfig
 from jlora.peft.multi import AdapterSet, MultiKernel
 from jlora.peft.prefix import Prefix, PrefixConfig
 from jlora.peft.prompt import Prompt, PromptConfig
-from jlora import quant
+from jlora.peft.weighted import combine_adapters
+from jlora import quant, serve
 from jlora.quant import Int8, Quant4bit, QuantConfig, quantize_params
 from jlora.quant_gguf import GGUFQuant, GGUFQuantLeaf
 from jlora.tokenizer import Tokenizer, load_tokenizer

@@ -8,6 +8,7 @@ torch's own SVD and compares what does not depend on signs (the products and the
 """
 
 import copy
+import os
 
 import jax
 import numpy as np
@@ -415,3 +416,34 @@ def test_refuses_other_methods_and_other_bases(llama, models):
         W.combine_adapters([a, o], [1.0, 1.0], "cat")
     with pytest.raises(ValueError, match=r"adapters\[0\] holds no LoRA kernel"):
         W.combine_adapters([base, a], [1.0, 1.0], "cat")
+
+
+def test_cli_combine_writes_the_combined_adapter(llama, tmp_path, capsys):
+    """`jlora combine` = combine_adapters on the same adapters, written as a PEFT adapter; bad flags are one-line
+    errors that leave an existing output alone."""
+    from jlora.cli import main
+
+    model = tmp_path / "model"
+    jlora.save_pretrained(llama["cfg"], llama["base"], str(model))
+    out = tmp_path / "combined"
+    d1, d2 = llama["dirs"]["ad1"], llama["dirs"]["ad2"]
+    args = ["combine", "--model", str(model), "--adapter", d1, "--adapter", d2, "--out", str(out)]
+    assert main(args + ["--weights", "0.7", "-0.4", "--type", "ties", "--density", "0.5"]) == 0
+    assert "combined 2 adapters (ties" in capsys.readouterr().out
+    want = W.combine_adapters([llama["trees"]["ad1"], llama["trees"]["ad2"]], [0.7, -0.4], "ties", density=0.5)
+    got = jlora.load_adapter(llama["cfg"], llama["base"], str(out))
+    w, g = jlora.lora.adapters(want), jlora.lora.adapters(got)
+    assert set(w) == set(g)
+    for m in w:
+        np.testing.assert_allclose(np.asarray(g[m].delta()), np.asarray(w[m].delta()), atol=1e-6)
+    before = sorted(os.listdir(out))
+    assert main(args + ["--weights", "1.0", "--type", "cat"]) == 1
+    assert "--weights: 1 weight(s) for 2 --adapter(s)" in capsys.readouterr().err
+    assert main(args + ["--weights", "1.0", "1.0", "--type", "cat"]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(args + ["--weights", "1.0", "1.0", "--type", "ties", "--overwrite"]) == 1  # needs a density
+    assert "density" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before
+    assert main(args + ["--weights", "1.0", "1.0", "--type", "cat", "--overwrite"]) == 0
+    assert jlora.lora.adapters(jlora.load_adapter(llama["cfg"], llama["base"], str(out)))[
+        "model.layers.0.self_attn.q_proj"].rank == 8
