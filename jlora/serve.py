@@ -27,7 +27,8 @@ OpenAI-style JSON error ``{"error": {"message", "type", "param", "code"}}`` with
 on serving. SIGTERM (or Ctrl-C) stops accepting connections, lets running requests finish (up to a grace
 period), fails the queued ones with 503 and exits 0.
 
-Not supported (refused with a 400 that says so, rather than silently ignored): ``n > 1``, ``best_of``,
+Beyond OpenAI's parameters: ``top_k`` and vLLM's ``ignore_eos`` (generate exactly ``max_tokens`` tokens, for
+benchmarks). Not supported (refused with a 400 that says so, rather than silently ignored): ``n > 1``, ``best_of``,
 ``logprobs``, ``echo``, ``suffix``, non-zero ``presence_penalty`` / ``frequency_penalty``, ``logit_bias``, tools
 and response formats other than text.
 """
@@ -592,13 +593,17 @@ def build_app(engine: Engine, options: ServeOptions):
         stream_options = body.get("stream_options")
         if stream_options is not None and not isinstance(stream_options, dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", param="ignore_eos")
         stream = body.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
             raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
         return dict(max_tokens=max_tokens, temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
                     top_p=_num(body, "top_p", 1.0, float, 0.0, 1.0, lo_open=True),
                     top_k=_num(body, "top_k", 0, int, 0, engine.cfg.vocab_size), seed=seed, stop=stop,
-                    stream=bool(stream), include_usage=bool((stream_options or {}).get("include_usage")))
+                    stream=bool(stream), include_usage=bool((stream_options or {}).get("include_usage")),
+                    ignore_eos=ignore_eos)
 
     def prompts_of(body: dict) -> List[List[int]]:
         p = body.get("prompt")
@@ -657,7 +662,8 @@ def build_app(engine: Engine, options: ServeOptions):
         for i, p in enumerate(prompts):
             reqs.append(GenRequest(prompt=p, adapter=adapter, max_tokens=s["max_tokens"],
                                    temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
-                                   seed=None if s["seed"] is None else s["seed"] + i, stop=s["stop"], eos=eos,
+                                   seed=None if s["seed"] is None else s["seed"] + i, stop=s["stop"],
+                                   eos=() if s["ignore_eos"] else eos,
                                    timeout_s=opts.request_timeout_s, emit=emitter(i)))
         for r in reqs:
             engine.check(r)

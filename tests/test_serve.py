@@ -244,7 +244,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(world):
         ({**ok, "logprobs": 2}, 400, "logprobs"), ({**ok, "echo": True}, 400, "echo"),
         ({**ok, "presence_penalty": 0.5}, 400, "presence_penalty"), ({**ok, "best_of": 3}, 400, "best_of"),
         ({**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"), ({**ok, "stop": 5}, 400, "stop"),
-        ({**ok, "seed": "x"}, 400, "seed"), ({**ok, "stream": "yes"}, 400, "stream"),
+        ({**ok, "seed": "x"}, 400, "seed"), ({**ok, "ignore_eos": 1}, 400, "ignore_eos"), ({**ok, "stream": "yes"}, 400, "stream"),
         ({**ok, "prompt": "x" * 127, "max_tokens": 8}, 400, "max_tokens"), ({**ok, "prompt": "x" * 200}, 400,
                                                                              "prompt"),
         ({**ok, "prompt": []}, 400, "prompt"), ({**ok, "prompt": [5, 999]}, 400, "prompt"),
@@ -287,6 +287,11 @@ def test_stop_strings_and_seeded_sampling(world):
                                        stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == cut
     assert chunks[-1].choices[0].finish_reason == "stop"
+    r = c.completions.create(model="a", prompt="hello world", max_tokens=20, temperature=0,
+                             extra_body={"ignore_eos": True})
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (20, "length")
+    ids = jlora.generate(world["cfg"], world["trees"]["a"], world["tok"].encode("hello world"), 20, eos_token_id=())
+    assert r.choices[0].text == world["tok"].decode(ids, skip_special_tokens=True)
     kw = dict(model="b", prompt="hello world", max_tokens=N, temperature=1.0, top_p=0.9, top_k=50)
     one = c.completions.create(seed=7, **{k: v for k, v in kw.items() if k != "top_k"}, extra_body={"top_k": 50})
     two = c.completions.create(seed=7, **{k: v for k, v in kw.items() if k != "top_k"}, extra_body={"top_k": 50})
