@@ -6,13 +6,17 @@ adapter, PEFT's ``adapter_names`` semantics), with a KV cache. The HTTP side is 
 
 The pieces:
 
-* `Engine`: a bounded request queue and one worker thread that owns the accelerator. It takes up to ``max_batch``
-  waiting requests (waiting ``batch_wait_s`` for company after the first), left-pads their prompts into one batch
-  (rows padded to a power of two, prompt length to a multiple of 16, the cache to a multiple of 64, so shapes
-  repeat and compilations are reused), prefills, then decodes one token per step for the whole batch. Each row
-  has its own adapter, sampling settings (greedy, temperature, top-k, top-p, seed), token budget and stop
-  strings; a row that finishes stops streaming while the rest go on. This is *dynamic* batching: requests that
-  arrive while a batch decodes wait for the next batch (no joining mid-flight).
+* `Engine`: a bounded request queue and one worker thread that owns the accelerator. **Continuous batching**:
+  when no batch runs, it takes the waiting requests (up to ``max_batch``, after waiting ``batch_wait_s`` for
+  company), left-pads their prompts into one batch (rows padded to a power of two, prompts to a multiple of 16,
+  the cache to a multiple of 64 and at least ``min_slots``, so shapes repeat and compilations are reused) and
+  prefills; then it decodes one token per step for the whole batch. Between steps, a newly arrived request joins
+  the running batch in a free row (or a new row, up to ``max_batch``): its prompt is prefilled alone into the
+  cache slots just before the batch's current slot and spliced into its row, and from the next step it decodes
+  with the others. A request that does not fit (its prompt longer than the slots already passed, or its budget
+  beyond the slots left) waits, and so do the ones behind it, until the batch drains. Each row has its own
+  adapter, sampling settings (greedy, temperature, top-k, top-p, seed: a row's draws depend on its seed and its
+  own token count only, not on its batch mates), token budget and stop strings.
 * `build_app`: the Starlette app. ``GET /v1/models``; ``POST /v1/completions``; ``POST /v1/chat/completions``
   (both streaming as server-sent events, or not); ``POST /v1/adapters`` ``{"name", "path", "replace"}`` and
   ``DELETE /v1/adapters/{name}`` to load and unload adapters at run time; ``GET /health``. The request's ``model``
@@ -36,6 +40,7 @@ and response formats other than text.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -43,7 +48,6 @@ import hmac
 import json
 import logging
 import os
-import queue
 import re
 import signal
 import socket
@@ -95,37 +99,72 @@ class ApiError(Exception):
 # The jitted prefill and decode step (per-row sampling)
 
 
-def _choose(logits, seeds, step, temp, top_k, top_p, greedy, *, sample: bool, filtered: bool):
+def _choose(logits, seeds, steps, temp, top_k, top_p, greedy, *, sample: bool, filtered: bool):
     """The next token of every row: argmax for greedy rows; for sampling rows a draw from the tempered (and top-k /
-    top-p filtered) distribution with the key ``fold_in(key(seed), step)`` -- a row's draws depend only on its own
-    seed and logits, not on the rows it is batched with."""
+    top-p filtered) distribution with the key ``fold_in(key(seed), n)``, ``n`` = the tokens the row has made so
+    far -- a row's draws depend only on its own seed and logits, not on the rows it shares a batch with."""
     arg = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if not sample:
         return arg
     t = jnp.where(greedy, 1.0, temp)[:, None]
     f = _filter_logits(logits, t, top_k[:, None] if filtered else 0, top_p[:, None] if filtered else 1.0)
 
-    def draw(seed, row):
-        return jax.random.categorical(jax.random.fold_in(jax.random.key(seed), step), row)
+    def draw(seed, n, row):
+        return jax.random.categorical(jax.random.fold_in(jax.random.key(seed), n), row)
 
-    drawn = jax.vmap(draw)(seeds, f).astype(jnp.int32)
+    drawn = jax.vmap(draw)(seeds, steps, f).astype(jnp.int32)
     return jnp.where(greedy, arg, drawn)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_buf", "sample", "filtered"))
-def _prefill(cfg, params, tokens, mask, seeds, temp, top_k, top_p, greedy, *, n_buf, sample, filtered):
+@functools.partial(jax.jit, static_argnames=("cfg", "n_slots", "sample", "filtered"))
+def _prefill(cfg, params, tokens, mask, seeds, temp, top_k, top_p, greedy, *, n_slots, sample, filtered):
+    """A new batch: its prompts (left-padded to ``[B, T]``) into a fresh cache of ``n_slots`` slots."""
     b, t = tokens.shape
-    cache = init_cache(cfg, b, t + n_buf, params=params)
+    cache = init_cache(cfg, b, n_slots, params=params)
     hidden, cache = forward(cfg, params, tokens, attention_mask=mask, cache=cache)
     logits = lm_head(cfg, params, hidden[:, -1]).astype(jnp.float32)
-    tok = _choose(logits, seeds, jnp.int32(0), temp, top_k, top_p, greedy, sample=sample, filtered=filtered)
+    tok = _choose(logits, seeds, jnp.zeros((b,), jnp.int32), temp, top_k, top_p, greedy, sample=sample,
+                  filtered=filtered)
     return tok, cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sample", "filtered"), donate_argnames=("cache",))
-def _step(cfg, params, cache, tok, step, seeds, temp, top_k, top_p, greedy, *, sample, filtered):
+def _step(cfg, params, cache, tok, steps, seeds, temp, top_k, top_p, greedy, *, sample, filtered):
+    """One decoding step of the whole batch (every row writes its token at the shared slot ``cache["index"]``)."""
     logits, cache = _decode(cfg, params, cache, tok)
-    return _choose(logits, seeds, step, temp, top_k, top_p, greedy, sample=sample, filtered=filtered), cache
+    return _choose(logits, seeds, steps, temp, top_k, top_p, greedy, sample=sample, filtered=filtered), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sample", "filtered"), donate_argnames=("cache",))
+def _join(cfg, params1, cache, row, tokens1, mask1, seed1, temp1, top_k1, top_p1, greedy1, *, sample, filtered):
+    """Continuous batching: a request joins a running batch in row ``row``. Its prompt (left-padded to ``T``) is
+    prefilled alone into the slots just before the batch's current slot ``i = cache["index"]`` (``[i - T, i)``)
+    of a one-row cache, whose keys, values, key mask and position then replace row ``row`` of the batch's cache;
+    the next step decodes it at slot ``i`` with everyone else. Returns (its first token, the cache)."""
+    t = tokens1.shape[1]
+    one = init_cache(cfg, 1, cache["key_mask"].shape[1])
+    one["index"] = cache["index"] - t
+    hidden, one = forward(cfg, params1, tokens1, attention_mask=mask1, cache=one)
+    logits = lm_head(cfg, params1, hidden[:, -1]).astype(jnp.float32)
+    tok1 = _choose(logits, seed1, jnp.zeros((1,), jnp.int32), temp1, top_k1, top_p1, greedy1, sample=sample,
+                   filtered=filtered)
+    new = dict(cache)
+    new["layers"] = [{k: lc[k].at[row].set(l1[k][0]) for k in lc} for lc, l1 in zip(cache["layers"], one["layers"])]
+    new["key_mask"] = cache["key_mask"].at[row].set(one["key_mask"][0])
+    new["next_pos"] = cache["next_pos"].at[row].set(one["next_pos"][0])
+    return tok1[0], new
+
+
+@functools.partial(jax.jit, static_argnames=("b",))
+def _grow(cache, tok, *, b):
+    """More rows for a running batch (new rows empty: masked, fed a dummy token)."""
+    def pad(x):
+        return jnp.concatenate([x, jnp.zeros((b - x.shape[0],) + x.shape[1:], x.dtype)], axis=0)
+
+    new = dict(cache)
+    new["layers"] = [{k: pad(v) for k, v in lc.items()} for lc in cache["layers"]]
+    new["key_mask"], new["next_pos"] = pad(cache["key_mask"]), pad(cache["next_pos"])
+    return new, pad(tok)
 
 
 def _pow2(n: int) -> int:
@@ -221,20 +260,74 @@ class _Row:
         return False
 
 
+class _Batch:
+    """The running batch: B rows sharing one KV cache of ``n_slots`` slots; ``index`` = the next slot written."""
+
+    def __init__(self, b: int, n_slots: int):
+        self.rows: List[Optional[_Row]] = [None] * b
+        self.n_slots = n_slots
+        self.index = 0
+        self.cache = None
+        self.tok = None
+        self.seeds = np.zeros((b,), np.int32)
+        self.temp = np.ones((b,), np.float32)
+        self.top_k = np.zeros((b,), np.int32)
+        self.top_p = np.ones((b,), np.float32)
+        self.greedy = np.ones((b,), bool)
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def active(self) -> List[int]:
+        return [j for j, r in enumerate(self.rows) if r is not None and not r.done]
+
+    def set_row(self, j: int, row: "_Row") -> None:
+        req = row.req
+        self.rows[j] = row
+        self.greedy[j] = req.temperature == 0
+        self.temp[j] = req.temperature if req.temperature > 0 else 1.0
+        self.top_k[j], self.top_p[j] = req.top_k, req.top_p
+        self.seeds[j] = (req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")) & 0x7FFFFFFF
+
+    def grow(self, b: int) -> None:
+        n = b - self.size
+        self.rows += [None] * n
+        self.seeds = np.concatenate([self.seeds, np.zeros((n,), np.int32)])
+        self.temp = np.concatenate([self.temp, np.ones((n,), np.float32)])
+        self.top_k = np.concatenate([self.top_k, np.zeros((n,), np.int32)])
+        self.top_p = np.concatenate([self.top_p, np.ones((n,), np.float32)])
+        self.greedy = np.concatenate([self.greedy, np.ones((n,), bool)])
+
+    def flags(self, idx=None):
+        """(sample, filtered): static flags of the jitted step for the given (default: active) rows."""
+        idx = self.active() if idx is None else idx
+        g = self.greedy[idx]
+        sample = not bool(g.all()) if len(idx) else False
+        filtered = bool(((self.top_k[idx] > 0) | (self.top_p[idx] < 1.0))[~g].any()) if sample else False
+        return sample, filtered
+
+
 class Engine:
     """The request queue and the worker thread that runs batched generation on an `AdapterSet`.
+
+    Continuous batching: a request that arrives while a batch decodes joins it at the next step, in a free row
+    (or a new one, up to ``max_batch``), when its prompt fits before the batch's current cache slot and its budget
+    fits the slots left (`_join`); otherwise it waits, and requests behind it wait too (first come, first served)
+    until the batch drains and a new one starts with the waiting requests together.
 
     Args:
       adapters: the adapter set (its base is the served model).
       tokenizer: a `jlora.Tokenizer` (or anything with ``decode(ids, skip_special_tokens=True)``).
       max_batch: the most requests decoded together.
       queue_size: the most requests waiting; `submit` raises a 429 `ApiError` beyond it.
-      batch_wait_s: after the first request of a batch, how long to wait for more.
+      batch_wait_s: when no batch runs, how long the first request waits for company.
       context: the longest prompt + new tokens a request may use (default ``cfg.max_positions``).
+      min_slots: a new batch's cache has at least this many slots (room for requests that join later).
     """
 
     def __init__(self, adapters: AdapterSet, tokenizer, *, max_batch: int = 8, queue_size: int = 64,
-                 batch_wait_s: float = 0.005, context: Optional[int] = None):
+                 batch_wait_s: float = 0.005, context: Optional[int] = None, min_slots: int = 512):
         if max_batch < 1 or queue_size < 1:
             raise ValueError(f"Engine: max_batch and queue_size must be >= 1, got {max_batch}, {queue_size}")
         self.set = adapters
@@ -243,16 +336,17 @@ class Engine:
         self.max_batch = int(max_batch)
         self.batch_wait_s = float(batch_wait_s)
         self.context = int(context or self.cfg.max_positions)
+        self.min_slots = int(min_slots)
         self.queue_size = int(queue_size)
-        self._q: "queue.Queue[GenRequest]" = queue.Queue()
-        self._held: List[GenRequest] = []  # taken from the queue while paused: they start the next batch
-        self._qlock = threading.Lock()
-        self._lock = threading.Lock()  # the adapter set: mutations vs a batch taking its parameters
-        self._resume = threading.Event()
-        self._resume.set()
+        self._waiting: "collections.deque[GenRequest]" = collections.deque()
+        self._cv = threading.Condition()
+        self._lock = threading.Lock()  # the adapter set: mutations vs a step reading its parameters
+        self._paused = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "tokens": 0, "adapters_in_batch": 0}
+        self._batch: Optional[_Batch] = None
+        self.stats = {"batches": 0, "rows": 0, "joined": 0, "largest_batch": 0, "tokens": 0, "steps": 0,
+                      "adapters_in_batch": 0}
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -265,42 +359,42 @@ class Engine:
     def close(self, timeout: float = 30.0) -> None:
         """Stops the worker after its current batch; requests still queued get a 503."""
         self._stop.set()
-        self._resume.set()
+        with self._cv:
+            self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        with self._qlock:
-            left, self._held = self._held, []
-        while True:
-            try:
-                left.append(self._q.get_nowait())
-            except queue.Empty:
-                break
+        with self._cv:
+            left = list(self._waiting)
+            self._waiting.clear()
         for req in left:
             req.emit("error", ApiError(503, "the server is shutting down", code="shutting_down"))
 
     def pause(self) -> None:
-        """Holds new batches back (the running one finishes): requests queue up, `resume` batches them together."""
-        self._resume.clear()
+        """Admits no new request (the running batch goes on): requests queue up; `resume` lets them in together."""
+        with self._cv:
+            self._paused = True
 
     def resume(self) -> None:
-        self._resume.set()
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
 
     @property
     def pending(self) -> int:
-        """Requests waiting in the queue."""
-        with self._qlock:
-            return self._q.qsize() + len(self._held)
+        """Requests waiting to be admitted."""
+        with self._cv:
+            return len(self._waiting)
 
     # -- adapters --------------------------------------------------------------------------------------------
 
     def add_adapter(self, name: str, adapter, *, replace: bool = False) -> None:
-        """`AdapterSet.add` under the engine's lock (safe while batches run: a batch keeps the parameters it
-        started with)."""
+        """`AdapterSet.add` under the engine's lock (safe while a batch runs: each step reads the set anew)."""
         with self._lock:
             self.set.add(name, adapter, replace=replace)
 
     def remove_adapter(self, name: str) -> None:
+        """Unloads an adapter; rows still generating with it end with a 404 error."""
         with self._lock:
             self.set.remove(name)
 
@@ -333,141 +427,201 @@ class Engine:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
         self.check(req)
         req.deadline = time.monotonic() + req.timeout_s
-        with self._qlock:
-            if self._q.qsize() + len(self._held) >= self.queue_size:
+        with self._cv:
+            if len(self._waiting) >= self.queue_size:
                 raise ApiError(429, f"the server is busy: {self.queue_size} requests are already waiting; retry "
                                     f"later", code="queue_full")
-            self._q.put_nowait(req)
+            self._waiting.append(req)
+            self._cv.notify_all()
 
     # -- the worker ------------------------------------------------------------------------------------------
 
-    def _take(self) -> List[GenRequest]:
-        with self._qlock:
-            batch, self._held = self._held, []
-        if not batch:
-            try:
-                batch = [self._q.get(timeout=0.05)]
-            except queue.Empty:
+    def _expired(self, req: GenRequest, now: float) -> bool:
+        if req.cancelled:
+            return True
+        if now > req.deadline:
+            req.emit("error", ApiError(504, f"the request waited longer than its timeout of {req.timeout_s:g} s",
+                                       code="timeout"))
+            return True
+        return False
+
+    def _take_new(self) -> List[GenRequest]:
+        """Waits for requests when no batch runs: the first, then company for ``batch_wait_s``."""
+        with self._cv:
+            while not self._stop.is_set() and (self._paused or not self._waiting):
+                self._cv.wait(0.1)
+            if self._stop.is_set():
                 return []
-        if not self._resume.is_set():  # paused while waiting: keep it for the next batch
-            with self._qlock:
-                self._held = batch + self._held
-            return []
-        until = time.monotonic() + self.batch_wait_s
-        while len(batch) < self.max_batch:
-            left = until - time.monotonic()
-            try:
-                batch.append(self._q.get_nowait() if left <= 0 else self._q.get(timeout=left))
-            except queue.Empty:
-                break
-        live = []
-        now = time.monotonic()
-        for r in batch:
-            if r.cancelled:
-                continue
-            if now > r.deadline:
-                r.emit("error", ApiError(504, f"the request waited longer than its timeout of {r.timeout_s:g} s "
-                                              f"in the queue", code="timeout"))
-                continue
-            live.append(r)
-        return live
+            until = time.monotonic() + self.batch_wait_s
+            while len(self._waiting) < self.max_batch and not self._stop.is_set():
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            out, now = [], time.monotonic()
+            longest = max_new = 0
+            while self._waiting and len(out) < self.max_batch and not self._paused:
+                r = self._waiting[0]
+                if self._expired(r, now):
+                    self._waiting.popleft()
+                    continue
+                lo, mn = max(longest, len(r.prompt)), max(max_new, r.max_tokens)
+                if out and lo + mn > self.context:  # rows share one cache: must fit together
+                    break
+                out.append(self._waiting.popleft())
+                longest, max_new = lo, mn
+            return out
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            self._resume.wait()
-            if self._stop.is_set():
-                break
-            batch = self._take()
-            if not batch:
-                continue
             try:
-                self._run(batch)
-            except Exception as e:  # a bug or a device failure: fail this batch, keep serving
-                log.exception("jlora serve: a batch of %d requests failed", len(batch))
-                for r in batch:
-                    r.emit("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}",
-                                             code="internal_error"))
+                if self._batch is None:
+                    reqs = self._take_new()
+                    if reqs:
+                        self._start(reqs)
+                else:
+                    self._tick()
+            except Exception as e:  # a bug or a device failure: fail the batch, keep serving
+                log.exception("jlora serve: a batch failed")
+                batch, self._batch = self._batch, None
+                for row in (batch.rows if batch else []):
+                    if row is not None and not row.done:
+                        row.done = True
+                        row.req.emit("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}",
+                                                       code="internal_error"))
+        if self._batch is not None:  # stopping: finish what runs (uvicorn waited for running requests already)
+            batch, self._batch = self._batch, None
+            for row in batch.rows:
+                if row is not None and not row.done:
+                    row.done = True
+                    row.req.emit("error", ApiError(503, "the server is shutting down", code="shutting_down"))
 
-    def _run(self, batch: List[GenRequest]) -> None:
-        cfg = self.cfg
-        group, rest, longest, max_new = [], [], 0, 0
-        for r in batch:  # rows share one cache: the longest prompt + the largest budget must fit the context
-            lo, mn = max(longest, len(r.prompt)), max(max_new, r.max_tokens)
-            if lo + mn <= self.context:
-                group.append(r)
-                longest, max_new = lo, mn
-            else:
-                rest.append(r)
-        if rest:
-            self._run(group)
-            return self._run(rest)
-        batch = group
+    def _params(self, batch: _Batch):
+        """The adapter set's tree with each row's adapter (rows whose adapter was unloaded end with a 404)."""
         with self._lock:
-            gone = [r for r in batch if r.adapter is not None and r.adapter not in self.set]
-            for r in gone:  # removed while the request waited
-                r.emit("error", ApiError(404, f"the adapter {r.adapter!r} was unloaded before the request ran",
-                                         param="model", code="model_not_found"))
-            batch = [r for r in batch if r not in gone]
-            if not batch:
-                return
-            names = [r.adapter for r in batch]
-            b = _pow2(len(batch))
-            params = self.set.select(names + [None] * (b - len(batch)))
-        longest = max(len(r.prompt) for r in batch)
-        max_new = max(r.max_tokens for r in batch)
+            names = []
+            for j, row in enumerate(batch.rows):
+                name = None if row is None or row.done else row.req.adapter
+                if name is not None and name not in self.set:
+                    row.done = True
+                    row.req.emit("error", ApiError(404, f"the adapter {name!r} was unloaded while generating",
+                                                   param="model", code="model_not_found"))
+                    name = None
+                names.append(name)
+            return self.set.select(names)
+
+    def _start(self, reqs: List[GenRequest]) -> None:
+        cfg = self.cfg
+        b = _pow2(len(reqs))
+        longest = max(len(r.prompt) for r in reqs)
+        max_new = max(r.max_tokens for r in reqs)
         t_pad = min(_round_up(longest, _PROMPT_BUCKET), self.context - max_new)
-        s = min(_round_up(t_pad + max_new, _CACHE_BUCKET), self.context)
+        n_slots = min(max(_round_up(t_pad + max_new, _CACHE_BUCKET), self.min_slots), self.context)
+        batch = _Batch(b, n_slots)
+        for j, r in enumerate(reqs):
+            batch.set_row(j, _Row(r, self.tokenizer))
         tokens = np.zeros((b, t_pad), np.int32)
         mask = np.zeros((b, t_pad), bool)
-        mask[:, -1] = True  # padding rows: one token, so attention has something to attend to
-        for j, r in enumerate(batch):
+        mask[:, -1] = True  # empty rows: one token, so attention has something to attend to
+        for j, r in enumerate(reqs):
             tokens[j, t_pad - len(r.prompt):] = r.prompt
             mask[j, t_pad - len(r.prompt):] = True
-        greedy = np.ones((b,), bool)
-        temp = np.ones((b,), np.float32)
-        top_k = np.zeros((b,), np.int32)
-        top_p = np.ones((b,), np.float32)
-        seeds = np.zeros((b,), np.int32)
-        for j, r in enumerate(batch):
-            greedy[j] = r.temperature == 0
-            temp[j] = r.temperature if r.temperature > 0 else 1.0
-            top_k[j] = r.top_k
-            top_p[j] = r.top_p
-            seeds[j] = (r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little")) & 0x7FFFFFFF
-        sample = not bool(greedy.all())
-        filtered = bool(((top_k > 0) | (top_p < 1.0))[~greedy].any()) if sample else False
-        dev = [jnp.asarray(x) for x in (seeds, temp, top_k, top_p, greedy)]
-
+        params = self._params(batch)
+        sample, filtered = batch.flags(list(range(len(reqs))))
+        tok, batch.cache = _prefill(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), batch.seeds, batch.temp,
+                                    batch.top_k, batch.top_p, batch.greedy, n_slots=n_slots, sample=sample,
+                                    filtered=filtered)
+        batch.index = t_pad
+        batch.tok = tok
         self.stats["batches"] += 1
-        self.stats["rows"] += len(batch)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        self.stats["adapters_in_batch"] = max(self.stats["adapters_in_batch"], len(set(names)))
-        rows = [_Row(r, self.tokenizer) for r in batch]
-        tok, cache = _prefill(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), *dev, n_buf=s - t_pad,
-                              sample=sample, filtered=filtered)
-        for step in range(1, max_new + 1):
-            nxt = None
-            if step < max_new:  # dispatch the next step before reading this one: the host work overlaps it
-                nxt, cache = _step(cfg, params, cache, tok, jnp.int32(step), *dev, sample=sample, filtered=filtered)
-            host = np.asarray(tok)
+        self.stats["rows"] += len(reqs)
+        self._batch = batch
+        self._deliver(batch, np.asarray(tok))
+
+    def _deliver(self, batch: _Batch, host: np.ndarray, rows: Optional[List[int]] = None) -> None:
+        """Hands each active row (or each of ``rows``) its new token (text, stop strings, budget, deadline)."""
+        now = time.monotonic()
+        for j in (batch.active() if rows is None else rows):
+            row = batch.rows[j]
+            if now > row.req.deadline:
+                row.done = True
+                row.req.emit("error", ApiError(504, f"the request ran longer than its timeout of "
+                                                    f"{row.req.timeout_s:g} s", code="timeout"))
+                continue
+            row.push(int(host[j]))
+            self.stats["tokens"] += 1
+        act = batch.active()
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(act))
+        self.stats["adapters_in_batch"] = max(self.stats["adapters_in_batch"],
+                                              len({batch.rows[j].req.adapter for j in act}))
+
+    def _admit(self, batch: _Batch) -> None:
+        """Lets waiting requests join the running batch while the first in line fits (see the class docstring)."""
+        with self._cv:
+            if self._paused:
+                return
             now = time.monotonic()
-            for j, row in enumerate(rows):
-                if row.done:
+            while self._waiting:
+                r = self._waiting[0]
+                if self._expired(r, now):
+                    self._waiting.popleft()
                     continue
-                if now > row.req.deadline:
-                    row.done = True
-                    row.req.emit("error", ApiError(504, f"the request ran longer than its timeout of "
-                                                        f"{row.req.timeout_s:g} s", code="timeout"))
-                    continue
-                row.push(int(host[j]))
-                self.stats["tokens"] += 1
-            if all(row.done for row in rows) or nxt is None:
-                break
-            tok = nxt
-        for row in rows:  # max_new reached for everyone (cannot happen before each row's own budget)
-            if not row.done:
-                row._flush(final=True)
-                row._finish("length")
+                t = _round_up(len(r.prompt), _PROMPT_BUCKET)
+                free = [j for j, row in enumerate(batch.rows) if row is None or row.done]
+                if t > batch.index or batch.index + r.max_tokens > batch.n_slots or (
+                        not free and batch.size >= self.max_batch):
+                    return
+                self._waiting.popleft()
+                if not free:
+                    b = min(_pow2(batch.size + 1), _pow2(self.max_batch))
+                    batch.cache, batch.tok = _grow(batch.cache, batch.tok, b=b)
+                    batch.grow(b)
+                    free = [j for j, row in enumerate(batch.rows) if row is None or row.done]
+                self._join(batch, free[0], r, t)
+
+    def _join(self, batch: _Batch, j: int, req: GenRequest, t: int) -> None:
+        with self._lock:
+            params1 = self.set.select([req.adapter]) if (req.adapter is None or req.adapter in self.set) else None
+        if params1 is None:
+            req.emit("error", ApiError(404, f"the adapter {req.adapter!r} was unloaded before the request ran",
+                                       param="model", code="model_not_found"))
+            return
+        row = _Row(req, self.tokenizer)
+        batch.set_row(j, row)
+        tokens = np.zeros((1, t), np.int32)
+        mask = np.zeros((1, t), bool)
+        tokens[0, t - len(req.prompt):] = req.prompt
+        mask[0, t - len(req.prompt):] = True
+        sample, filtered = batch.flags([j])
+        sl = slice(j, j + 1)
+        tok1, batch.cache = _join(self.cfg, params1, batch.cache, jnp.int32(j), jnp.asarray(tokens),
+                                  jnp.asarray(mask), batch.seeds[sl], batch.temp[sl], batch.top_k[sl],
+                                  batch.top_p[sl], batch.greedy[sl], sample=sample, filtered=filtered)
+        batch.tok = batch.tok.at[j].set(tok1)
+        self.stats["rows"] += 1
+        self.stats["joined"] += 1
+        host = np.zeros((batch.size,), np.int32)
+        host[j] = int(tok1)
+        self._deliver(batch, host, rows=[j])  # its first token, from its own prefill
+
+    def _tick(self) -> None:
+        """One step of the running batch: admit joiners, decode, deliver; the batch ends when no row is active."""
+        batch = self._batch
+        self._admit(batch)
+        act = batch.active()
+        if not act:
+            self._batch = None
+            return
+        params = self._params(batch)
+        sample, filtered = batch.flags()
+        steps = np.asarray([len(r.ids) if r is not None else 0 for r in batch.rows], np.int32)
+        batch.tok, batch.cache = _step(self.cfg, params, batch.cache, batch.tok, steps, batch.seeds, batch.temp,
+                                       batch.top_k, batch.top_p, batch.greedy, sample=sample, filtered=filtered)
+        batch.index += 1
+        self.stats["steps"] += 1
+        self._deliver(batch, np.asarray(batch.tok))
+        if not batch.active():
+            self._batch = None
 
 
 # ----------------------------------------------------------------------------------------------------------

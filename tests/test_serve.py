@@ -373,3 +373,70 @@ def test_cli_serve_bad_flags_are_one_line_errors(args, msg):
                        timeout=120)
     assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert main  # the module entry point is the CLI's
+
+
+def _drive(engine, until, limit=500):
+    """Runs the engine's worker steps in this thread (no worker thread) until ``until()``."""
+    for _ in range(limit):
+        if until():
+            return
+        if engine._batch is None:
+            reqs = engine._take_new()
+            if reqs:
+                engine._start(reqs)
+        else:
+            engine._tick()
+    raise AssertionError("the engine did not get there")
+
+
+def _req(world, adapter, prompt, n, out, **kw):
+    key = len(out)
+    out[key] = {"text": "", "done": None}
+
+    def emit(kind, payload):
+        if kind == "delta":
+            out[key]["text"] += payload
+        else:
+            out[key]["done"] = payload
+
+    return S.GenRequest(prompt=world["tok"].encode(prompt), adapter=adapter, max_tokens=n, eos=(), emit=emit,
+                        **{"temperature": 0.0, **kw}), key
+
+
+def test_continuous_batching_requests_join_a_running_batch(world):
+    """A request arriving mid-decode joins the running batch (a new row, then a freed one) and every answer still
+    equals the adapter alone; a sampled request draws the same tokens alone and joined (per-row keys)."""
+    cfg, base, tok = world["cfg"], world["base"], world["tok"]
+    trees = {k: world["trees"][k] for k in ("a", "b")}
+    engine = S.make_engine(cfg, base, tok, trees, max_batch=2, batch_wait_s=0.0)
+    out = {}
+    r1, k1 = _req(world, "a", "hello world", 20, out)
+    engine.submit(r1)
+    _drive(engine, lambda: engine.stats["steps"] >= 3)
+    r2, k2 = _req(world, "b", "abc", 6, out)
+    engine.submit(r2)
+    _drive(engine, lambda: engine.stats["joined"] == 1)  # row 2 added to the running batch
+    assert engine._batch.size == 2 and engine.pending == 0
+    r3, k3 = _req(world, None, "xyz", 5, out)
+    engine.submit(r3)
+    engine._tick()
+    assert engine.pending == 1  # no free row and max_batch reached: it waits ...
+    _drive(engine, lambda: engine.stats["joined"] == 2)  # ... and takes b's row when b is done
+    assert out[k2]["done"] is not None and out[k1]["done"] is None
+    r4, k4 = _req(world, "a", "the lazy dog", 6, out, temperature=1.0, seed=11)
+    engine.submit(r4)
+    _drive(engine, lambda: all(v["done"] for v in out.values()))
+    assert engine.stats["batches"] == 1 and engine.stats["joined"] == 3
+    for key, (model, prompt, n) in {k1: ("a", "hello world", 20), k2: ("b", "abc", 6),
+                                    k3: ("tiny", "xyz", 5)}.items():
+        tree = base if model == "tiny" else world["trees"][model]
+        ids = jlora.generate(cfg, tree, tok.encode(prompt), n, eos_token_id=())
+        assert out[key]["text"] == tok.decode(ids, skip_special_tokens=True), model
+        assert out[key]["done"] == {"finish_reason": "length", "prompt_tokens": len(tok.encode(prompt)),
+                                    "completion_tokens": n}
+    alone = S.make_engine(cfg, base, tok, trees, batch_wait_s=0.0)
+    out2 = {}
+    r5, k5 = _req(world, "a", "the lazy dog", 6, out2, temperature=1.0, seed=11)
+    alone.submit(r5)
+    _drive(alone, lambda: out2[k5]["done"] is not None)
+    assert out2[k5]["text"] == out[k4]["text"]
