@@ -448,9 +448,9 @@ class Engine:
     def _take_new(self) -> List[GenRequest]:
         """Waits for requests when no batch runs: the first, then company for ``batch_wait_s``."""
         with self._cv:
-            while not self._stop.is_set() and (self._paused or not self._waiting):
+            if self._paused or not self._waiting:
                 self._cv.wait(0.1)
-            if self._stop.is_set():
+            if self._stop.is_set() or self._paused or not self._waiting:
                 return []
             until = time.monotonic() + self.batch_wait_s
             while len(self._waiting) < self.max_batch and not self._stop.is_set():
@@ -472,15 +472,20 @@ class Engine:
                 longest, max_new = lo, mn
             return out
 
+    def work_once(self) -> None:
+        """One unit of the worker's work: start a batch from the waiting requests (waiting briefly for one), or
+        one step of the running batch. The worker thread loops on it; tests call it to drive the engine."""
+        if self._batch is None:
+            reqs = self._take_new()
+            if reqs:
+                self._start(reqs)
+        else:
+            self._tick()
+
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                if self._batch is None:
-                    reqs = self._take_new()
-                    if reqs:
-                        self._start(reqs)
-                else:
-                    self._tick()
+                self.work_once()
             except Exception as e:  # a bug or a device failure: fail the batch, keep serving
                 log.exception("jlora serve: a batch failed")
                 batch, self._batch = self._batch, None
@@ -644,6 +649,15 @@ class ServeOptions:
 
 def _now() -> int:
     return int(time.time())
+
+
+def _envelope(rid: str, kind: str, model: str, choices: list, usage: Optional[dict] = None) -> dict:
+    """An OpenAI response object (``text_completion``, ``chat.completion`` or ``chat.completion.chunk``)."""
+    out = {"id": rid, "object": kind, "created": _now(), "model": model, "choices": choices,
+           "system_fingerprint": None}
+    if usage is not None:
+        out["usage"] = usage
+    return out
 
 
 def _num(body: dict, key: str, default, kind, lo=None, hi=None, lo_open=False):
@@ -907,11 +921,7 @@ def build_app(engine: Engine, options: ServeOptions):
         rid, model = f"cmpl-{uuid.uuid4().hex}", body["model"]
 
         def obj(choices, usage=None):
-            out = {"id": rid, "object": "text_completion", "created": _now(), "model": model, "choices": choices,
-                   "system_fingerprint": None}
-            if usage is not None:
-                out["usage"] = usage
-            return out
+            return _envelope(rid, "text_completion", model, choices, usage)
 
         if s["stream"]:
             def chunk(i, text, reason, first=False):
@@ -934,11 +944,7 @@ def build_app(engine: Engine, options: ServeOptions):
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", body["model"]
 
         def obj(choices, usage=None, kind="chat.completion"):
-            out = {"id": rid, "object": kind, "created": _now(), "model": model, "choices": choices,
-                   "system_fingerprint": None}
-            if usage is not None:
-                out["usage"] = usage
-            return out
+            return _envelope(rid, kind, model, choices, usage)
 
         if s["stream"]:
             def chunk(i, text, reason, first=False):

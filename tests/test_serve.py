@@ -380,12 +380,7 @@ def _drive(engine, until, limit=500):
     for _ in range(limit):
         if until():
             return
-        if engine._batch is None:
-            reqs = engine._take_new()
-            if reqs:
-                engine._start(reqs)
-        else:
-            engine._tick()
+        engine.work_once()
     raise AssertionError("the engine did not get there")
 
 
@@ -419,7 +414,7 @@ def test_continuous_batching_requests_join_a_running_batch(world):
     assert engine._batch.size == 2 and engine.pending == 0
     r3, k3 = _req(world, None, "xyz", 5, out)
     engine.submit(r3)
-    engine._tick()
+    engine.work_once()
     assert engine.pending == 1  # no free row and max_batch reached: it waits ...
     _drive(engine, lambda: engine.stats["joined"] == 2)  # ... and takes b's row when b is done
     assert out[k2]["done"] is not None and out[k1]["done"] is None
