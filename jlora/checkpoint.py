@@ -31,18 +31,24 @@ Decisions (why):
   `Checkpointer.restore`, `latest_step` and `close` wait for pending writes. Every process calls `save` and
   `restore` (orbax coordinates multi-host writes); only file bookkeeping (run_config.json, moving a corrupt
   directory) is done by process 0.
+* One run per directory: `lock_run_dir` (taken by `jlora.loop.fit` and `jlora.run.train_run`, not by
+  `Checkpointer`, so that reading checkpoints of a running run stays possible) holds an ``flock`` on
+  ``<run_dir>/jlora.lock``; the kernel drops it when its holder dies, so a lock is never stale for long.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import socket
+import threading
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -318,6 +324,172 @@ def config_hash(config) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Run-directory lock
+
+
+LOCK_FILE = "jlora.lock"
+
+
+class RunDirLockedError(OSError):
+    """Another process is training in this run directory (it holds ``<run_dir>/jlora.lock``)."""
+
+
+class _Lock:
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd = path, fd
+        self.thread = threading.get_ident()
+        self.count = 1
+
+
+_HELD: Dict[str, _Lock] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _read_holder(path: str) -> dict:
+    """The holder record in a lock file ({} while the holder has not written it yet)."""
+    for _ in range(20):  # the holder writes its record right after taking the lock
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            return {}
+        if text.strip():
+            try:
+                return json.loads(text)
+            except ValueError:
+                pass
+        time.sleep(0.025)
+    return {}
+
+
+def _holder_str(h: dict) -> str:
+    if not h:
+        return "an unknown process (it has not written its pid yet)"
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(h["time"])) if "time" in h else "?"
+    return f"pid {h.get('pid')} on host {h.get('host')} (since {since})"
+
+
+def _check_run_dir(run_dir: str):
+    if "://" not in run_dir and os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise NotADirectoryError(f"run directory {run_dir} exists and is not a directory; point run_dir "
+                                 f"(run.dir) at a directory, new or of the same run")
+
+
+def _acquire(run_dir: str, log) -> Optional[_Lock]:
+    import fcntl
+
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    key = os.path.realpath(path)
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None:
+            if held.thread == threading.get_ident():  # re-entrant (train_run, then fit inside it)
+                held.count += 1
+                return held
+            raise RunDirLockedError(f"run directory {run_dir} is in use by another thread of this process "
+                                    f"(pid {os.getpid()} on host {socket.gethostname()}); use another run "
+                                    f"directory")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirLockedError(
+                f"run directory {run_dir} is in use by {_holder_str(_read_holder(path))} ({path}); wait for "
+                f"that run to finish or stop it, or use another run directory") from None
+        except OSError as e:  # a file system without flock (some network mounts): train unlocked
+            os.close(fd)
+            warnings.warn(f"run directory {run_dir}: cannot lock {path} ({e}); two runs on this directory "
+                          f"would not be detected")
+            return None
+        # The kernel drops a flock when its holder dies, so a record left in the file is a dead run's.
+        prev = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if prev:
+            try:
+                old = json.loads(prev)
+            except ValueError:
+                old = {}
+            log(f"took over the stale lock of {_holder_str(old)} in {run_dir} (that run ended without "
+                f"releasing it)")
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        os.fsync(fd)
+        lock = _HELD[key] = _Lock(key, fd)
+        return lock
+
+
+def _release(lock: Optional[_Lock]):
+    if lock is None:
+        return
+    import fcntl
+
+    with _HELD_GUARD:
+        lock.count -= 1
+        if lock.count:
+            return
+        _HELD.pop(lock.path, None)
+        try:  # the file stays (deleting a locked file races with a process opening it); its record goes
+            os.ftruncate(lock.fd, 0)
+        finally:
+            fcntl.flock(lock.fd, fcntl.LOCK_UN)
+            os.close(lock.fd)
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir, log: Callable[[str], None] = lambda *_: None):
+    """Holds the run directory's lock for the duration of the ``with`` block: one run per directory.
+
+    The lock is an ``flock`` on ``<run_dir>/jlora.lock``, which also records the holder's pid, host and start
+    time for the message a second process gets. The kernel releases it when the holder exits, killed or not,
+    so a lock left by a dead run is stale by construction and is simply taken over (``log`` says so). It is
+    re-entrant within one thread (`jlora.run.train_run` takes it before loading the model, `jlora.loop.fit`
+    again). Multi-host: only process 0 takes it (the processes of one run share it); whether it succeeded is
+    broadcast, so every process raises together. A cloud URL (``gs://``) is not locked.
+
+    Args:
+      run_dir: the run directory (created if missing).
+      log: where to report taking over a stale lock.
+
+    Raises:
+      RunDirLockedError: (an OSError) another process holds the lock; the message names the directory and
+        the holder (pid, host).
+      NotADirectoryError: ``run_dir`` exists and is not a directory.
+
+    Example:
+      >>> with lock_run_dir(f"{tmp}/run-l"):
+      ...     with lock_run_dir(f"{tmp}/run-l"):  # re-entrant in one thread
+      ...         sorted(json.load(open(f"{tmp}/run-l/jlora.lock")))
+      ['host', 'pid', 'time']
+    """
+    run_dir = os.fspath(run_dir)
+    _check_run_dir(run_dir)
+    lock, error = None, None
+    if "://" not in run_dir and _is_primary():
+        try:
+            lock = _acquire(run_dir, log)
+        except (RunDirLockedError, ImportError) as e:
+            if isinstance(e, ImportError):  # no fcntl (Windows): unlocked
+                warnings.warn(f"run directory {run_dir}: no fcntl on this platform; not locked")
+            else:
+                error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = RunDirLockedError(f"run directory {run_dir} is in use by another run (process 0 of this "
+                                      f"run could not lock it)")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        _release(lock)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The checkpointer
 
 
@@ -438,6 +610,12 @@ class Checkpointer:
         """Re-reads the run directory (after another process or the user changed it)."""
         self._mgr.wait_until_finished()
         self._mgr.reload()
+
+    def reached_preemption(self, step: int) -> bool:
+        """Multi-host: whether every process has reached the step at which to save for a preemption notice
+        (SIGTERM) one of them received (JAX's preemption sync point; call it at every step). False without
+        `jax.distributed`."""
+        return bool(self._mgr.reached_preemption(int(step)))
 
     def wait_until_finished(self):
         """Blocks until pending asynchronous writes are committed."""

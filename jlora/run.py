@@ -159,6 +159,11 @@ def _validate(c, src):
         raise ValueError(f"{src}: data.train is required (a .jsonl or .txt file)")
     if not c["run"]["dir"]:
         raise ValueError(f"{src}: run.dir is required (where checkpoints and results go)")
+    if not isinstance(c["run"]["dir"], str):
+        raise ValueError(f"{src}: run.dir must be a string (a directory), got {c['run']['dir']!r}")
+    if os.path.exists(c["run"]["dir"]) and not os.path.isdir(c["run"]["dir"]):
+        raise ValueError(f"{src}: run.dir {c['run']['dir']!r} exists and is not a directory; name a new "
+                         f"directory or the directory of the same run")
     for sec, key in (("model", "dtype"), ("model", "base_dtype")):
         if c[sec][key] not in ("float32", "bfloat16"):
             raise ValueError(f"{src}: {sec}.{key} must be float32 or bfloat16, got {c[sec][key]!r}")
@@ -282,15 +287,32 @@ def train_run(c, log=print, progress=True, eval_fn=None, stop_at=None):
 
     Returns:
       the `jlora.loop.FitResult`.
+
+    Raises:
+      jlora.checkpoint.RunDirLockedError: another process is training in run.dir (checked before the model
+        loads).
+      jlora.loop.Preempted: SIGTERM/SIGINT stopped the run after a committed checkpoint (exit status 75).
     """
+    import jax
+
+    from jlora import parallel
+    from jlora.checkpoint import lock_run_dir
+
+    if c["run"]["distributed"]:
+        parallel.initialize_distributed()
+    # Locked before the model loads, so that a second run on this directory is refused at once (`fit` takes
+    # the same lock again, re-entrantly).
+    with lock_run_dir(c["run"]["dir"], log if jax.process_index() == 0 else (lambda *_: None)):
+        return _train_locked(c, log, progress, eval_fn, stop_at)
+
+
+def _train_locked(c, log, progress, eval_fn, stop_at):
     import jax
 
     import jlora
     from jlora import parallel
     from jlora.loop import fit
 
-    if c["run"]["distributed"]:
-        parallel.initialize_distributed()
     mesh = parallel.make_mesh(c["run"]["mesh"]) if c["run"]["mesh"] else None
     path, cfg, params = build_model(c, log)
     tok = _tokenizer_for(path, c)
