@@ -4,7 +4,9 @@ TensorBoard reads ``events.out.tfevents.*`` files: TFRecord framing (length, mas
 payload, masked CRC32C of the payload) around serialized ``Event`` protocol buffers. Scalars need three
 messages, encoded here by hand:
 
-    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
+    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5;
+              SessionLog session_log = 7; }
+    SessionLog { Status status = 1; }  // START = 1: a restart, see ``purge_step``
     Summary { repeated Value value = 1; }
     Value   { string tag = 1; float simple_value = 2; }
 """
@@ -15,7 +17,7 @@ import os
 import socket
 import struct
 import time
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 
 def _crc32c_table():
@@ -61,12 +63,15 @@ def _field_bytes(field: int, payload: bytes) -> bytes:
     return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _event(step: int, wall_time: float, summary: bytes = b"", file_version: str = "") -> bytes:
+def _event(step: int, wall_time: float, summary: bytes = b"", file_version: str = "",
+           session_start: bool = False) -> bytes:
     out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(int(step))
     if file_version:
         out += _field_bytes(3, file_version.encode())
     if summary:
         out += _field_bytes(5, summary)
+    if session_start:  # Event.session_log = 7 { SessionLog.status = 1: START = 1 }
+        out += _field_bytes(7, b"\x08\x01")
     return out
 
 
@@ -80,6 +85,11 @@ class SummaryWriter:
 
     Args:
       logdir: directory (created); TensorBoard is pointed at it or at a parent.
+      purge_step: a resumed run's first new step: the file starts with a ``SessionLog.START`` event at this
+        step, on which TensorBoard's reader drops every event of ``logdir`` at a step >= ``purge_step`` read
+        before it (what an interrupted run logged after its last checkpoint), so each step appears once.
+        (tensorboardX's and ``tf.summary``'s ``purge_step`` work the same way.) The new file's name sorts
+        after the directory's existing event files, since TensorBoard reads them in name order.
 
     Example:
       >>> w = SummaryWriter(f"{tmp}/tb"); w.scalars(10, {"train/loss": 2.3, "train/lr": 1e-4}); w.close()
@@ -87,12 +97,19 @@ class SummaryWriter:
       ['events.out.tfevents...']
     """
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, purge_step: Optional[int] = None):
         os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        stamp = int(time.time())
+        for old in os.listdir(logdir):  # a later name than every earlier file's, even within one second
+            parts = old.split(".")
+            if old.startswith("events.out.tfevents.") and len(parts) > 3 and parts[3].isdigit():
+                stamp = max(stamp, int(parts[3]) + 1)
+        name = f"events.out.tfevents.{stamp}.{socket.gethostname()}.{os.getpid()}"
         self.path = os.path.join(logdir, name)
         self._f = open(self.path, "ab")
         self._f.write(_record(_event(0, time.time(), file_version="brain.Event:2")))
+        if purge_step is not None:
+            self._f.write(_record(_event(purge_step, time.time(), session_start=True)))
         self._f.flush()
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:
