@@ -228,7 +228,7 @@ def test_run_dir_naming_a_file_is_a_clear_error(model_dir, tmp_path, capsys):  #
 
 
 def test_sigkill_then_rerun_logs_each_step_once_and_resumes_bitwise(model_dir, contested, tmp_path):  # noqa: F811
-    kill_at = random.Random().randint(2, STEPS)
+    kill_at = int(os.environ.get("JLORA_TEST_KILL_STEP", 0)) or random.Random().randint(2, STEPS)  # to replay
     run_dir = tmp_path / "run"
     config = _config(tmp_path, model_dir, run_dir)
     killed = _start(tmp_path, config, kill_at=kill_at)
