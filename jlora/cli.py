@@ -151,7 +151,8 @@ def cmd_compare(a):
 
     tasks.get(a.task)  # unknown task / method: refused before anything loads
     changes = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch), ("seq_len", a.seq_len),
-                                 ("n_train", a.n_train), ("n_eval", a.n_eval)) if v is not None}
+                                 ("n_train", a.n_train), ("n_eval", a.n_eval), ("isolate", a.isolate or None))
+               if v is not None}
     cc = C.CompareConfig(methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods else (),
                          learning_rates=C.parse_lrs(a.lr or []),
                          lora_variants=tuple(v for v in (a.lora_variants or "").split(",") if v), **changes)
@@ -373,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lora-variants", default="qv,r16",
                    help="LoRA/DoRA/QLoRA variants tried at the best rate: qv (q,v only), r16 (double rank); '' none")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    c.add_argument("--isolate", action="store_true", help="each method in a fresh subprocess: adds its peak RSS "
+                   "(and device peak on GPU/TPU) to the report")
     c.add_argument("--out", default="out/compare", help="report directory (report.md, report.json, plots, runs)")
     c.set_defaults(fn=cmd_compare)
 

@@ -10,6 +10,13 @@ For each method's chosen configuration it measures:
 * ``trainable_params`` / ``trainable_percent`` (of the model's own parameters, `jlora.param_report`);
 * ``peak_memory_bytes``: XLA's own memory analysis of the compiled train step (arguments + outputs + scratch,
   aliased donations counted once) — one process can compare methods with it, where a process RSS cannot;
+* with ``isolate`` (CLI ``--isolate``) every method's whole sweep and evaluation runs in a fresh Python
+  subprocess of its own (a new interpreter, never a fork of a started JAX), which then also records
+  ``peak_rss_bytes`` (that process's peak RSS at its end, `peak_rss_bytes`: the Python and JAX runtime, the host
+  copy of the base model and everything the method added) and ``device_peak_bytes`` (the device's
+  ``memory_stats()["peak_bytes_in_use"]`` on GPU/TPU; None on CPU, which has no such stats). Without
+  ``isolate`` both are None. The numbers are the same either way (same data, same seeds), apart from timing;
+  an error in a child is raised in the parent naming the method (`IsolatedRunError`, or a ValueError);
 * ``step_time_s`` / ``tokens_per_s`` (input tokens) from the training loop's timed log intervals (the first
   interval, which compiles, is left out);
 * ``adapter_bytes``: the files `jlora.save_adapter` writes (full fine-tuning: the whole model,
@@ -22,7 +29,9 @@ For each method's chosen configuration it measures:
   is small and seen for several epochs by default);
 * ``decode_tokens_per_s`` unmerged and merged (where the method can be merged).
 
-The report is ``report.json`` (one record per method, and the sweep), ``report.md`` and four PNG plots.
+The report is ``report.json`` (one record per method, and the sweep), ``report.md`` (with ``peak RSS`` and
+``device peak`` columns where measured) and four PNG plots (``memory.png``: the step memory, and beside it the
+per-process peaks where measured).
 
 Example:
   >>> known_methods()
@@ -81,6 +90,9 @@ class CompareConfig:
       seed: data and initialization seed.
       keep_checkpoints: keep every sweep point's training checkpoint under ``runs/`` (default: only its
         metrics.jsonl and TensorBoard events stay; the chosen configurations are saved under ``adapters/``).
+      isolate: run each method (its whole sweep, then its measurements) in a fresh Python subprocess of its
+        own, so that the process's peak RSS (``peak_rss_bytes``) and, on GPU/TPU, the device's peak bytes in
+        use (``device_peak_bytes``) belong to that method alone. Same data, seeds and numbers as in-process.
     """
 
     methods: Tuple[str, ...] = ()
@@ -97,6 +109,7 @@ class CompareConfig:
     decode_tokens: int = 16
     seed: int = 0
     keep_checkpoints: bool = False
+    isolate: bool = False
 
     def rows(self) -> List[str]:
         rows = list(self.methods) or known_methods()
@@ -279,13 +292,48 @@ def compare(cfg, params, tok, task: str, out_dir: str, cc: CompareConfig = Compa
       task: a task name (`jlora.tasks.TASKS`).
       out_dir: report.json, report.md, the plots, ``runs/`` (one training run per sweep point) and
         ``adapters/`` (each chosen method's saved adapter).
-      cc: the configuration.
-      log: progress lines.
+      cc: the configuration (``cc.isolate``: every method in a fresh subprocess of its own, see `CompareConfig`).
+      log: progress lines (with ``cc.isolate``, the children's lines too, as they come).
       model_name: recorded in the report.
 
     Returns:
       the report dict (also ``report.json``).
+
+    Raises:
+      IsolatedRunError: with ``cc.isolate``, a method's subprocess failed or died (the message names the method
+        and carries the child's traceback, or its exit status and the end of its stderr); a ValueError in a
+        child is raised again as a ValueError naming the method.
     """
+    from jlora import tasks
+
+    rows = cc.rows()
+    t = tasks.get(task)
+    splits = t.splits(cc.train_size(), cc.n_eval, cc.seed)
+    train_ex, val_ex, test_ex = splits
+    os.makedirs(out_dir, exist_ok=True)
+    n_model = cfg.num_params()
+    records, sweep = [], []
+    if cc.isolate:
+        records, sweep, mach = _isolated(cfg, params, tok, task, out_dir, cc, rows, log)
+    else:
+        run_row = _row_runner(cfg, params, tok, task, out_dir, cc, log, splits)
+        for row in rows:
+            rec, points = run_row(row)
+            records.append(rec)
+            sweep += points
+        mach = machine()
+    report = {"model": model_name or f"{cfg.arch} ({n_model:,} parameters)", "task": task,
+              "task_description": t.description, "machine": mach,
+              "date": datetime.date.today().isoformat(), "config": _jsonable(dataclasses.asdict(cc)),
+              "n_train": len(train_ex), "n_val": len(val_ex), "n_test": len(test_ex),
+              "epochs": cc.steps * cc.batch_size / len(train_ex), "methods": records, "sweep": sweep}
+    write_report(report, out_dir)
+    return report
+
+
+def _row_runner(cfg, params, tok, task: str, out_dir: str, cc: CompareConfig, log, splits=None):
+    """``run_row(row) -> (record, sweep points)``: one method's sweep, then the measurements of its chosen
+    configuration. The same code runs in-process and (``--isolate``) in a method's own subprocess."""
     import jax
     import jax.numpy as jnp
 
@@ -294,10 +342,8 @@ def compare(cfg, params, tok, task: str, out_dir: str, cc: CompareConfig = Compa
     from jlora.loop import FitConfig, fit
     from jlora.peft import base as B
 
-    rows = cc.rows()
     t = tasks.get(task)
-    train_ex, val_ex, test_ex = t.splits(cc.train_size(), cc.n_eval, cc.seed)
-    os.makedirs(out_dir, exist_ok=True)
+    train_ex, val_ex, test_ex = splits or t.splits(cc.train_size(), cc.n_eval, cc.seed)
     host_base = jax.device_get(params)
     bases = {None: host_base}
     n_model = cfg.num_params()
@@ -356,12 +402,12 @@ def compare(cfg, params, tok, task: str, out_dir: str, cc: CompareConfig = Compa
                  "seconds": wall}
         return point, trained, res, mem
 
-    records, sweep = [], []
-    for row in rows:
+    def run_row(row):
         kind, quant = ROWS.get(row, (row, None))
         options = {**_default_options(kind), **cc.method_options.get(row, {})}
         lrs = tuple(cc.learning_rates.get(row) or DEFAULT_LRS.get(kind, DEFAULT_LR))
         log(f"{row}: sweep over learning rates {', '.join(f'{x:g}' for x in lrs)}")
+        sweep = []
         best = None
         for lr in lrs:
             point, trained, res, mem = run(row, kind, quant, options, lr)
@@ -377,16 +423,182 @@ def compare(cfg, params, tok, task: str, out_dir: str, cc: CompareConfig = Compa
                 if point["val_loss"] < best[0]["val_loss"]:
                     best = (point, trained, res, mem)
         point, trained, res, mem = best
-        records.append(_measure(cfg, tok, t, row, point, trained, res, mem, base_numbers(quant), test_ex, refs,
-                                train_b, val_b, train_probe_b, general_b, eval_step, cc, out_dir, n_model,
-                                log_every, log))
-    report = {"model": model_name or f"{cfg.arch} ({n_model:,} parameters)", "task": task,
-              "task_description": t.description, "machine": machine(),
-              "date": datetime.date.today().isoformat(), "config": _jsonable(dataclasses.asdict(cc)),
-              "n_train": len(train_ex), "n_val": len(val_ex), "n_test": len(test_ex),
-              "epochs": cc.steps * cc.batch_size / len(train_ex), "methods": records, "sweep": sweep}
-    write_report(report, out_dir)
-    return report
+        rec = _measure(cfg, tok, t, row, point, trained, res, mem, base_numbers(quant), test_ex, refs, train_b,
+                       val_b, train_probe_b, general_b, eval_step, cc, out_dir, n_model, log_every, log)
+        return rec, sweep
+
+    return run_row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --isolate: one fresh subprocess per method
+
+
+class IsolatedRunError(RuntimeError):
+    """A method's subprocess (``CompareConfig.isolate``) raised or died; ``method`` names it, ``child_traceback``
+    is its traceback (None when it died without one) and ``returncode`` its exit status."""
+
+    def __init__(self, message: str, method: str, child_traceback: Optional[str] = None,
+                 returncode: Optional[int] = None):
+        super().__init__(message)
+        self.method, self.child_traceback, self.returncode = method, child_traceback, returncode
+
+
+# jax settings a child takes over from the parent (the others are its defaults, or the environment it inherits)
+_JAX_FLAGS = ("jax_platforms", "jax_enable_x64", "jax_default_matmul_precision", "jax_num_cpu_devices",
+              "jax_threefry_partitionable", "jax_default_prng_impl")
+# the child's command: the parent's import path first, then `_child_main(job_dir, row)`; a fresh interpreter
+# (never a fork of a process whose JAX has started)
+_CHILD_BOOT = ("import sys; sys.path[:0] = [p for p in sys.argv[3:] if p not in sys.path]; "
+               "from jlora.compare import _child_main; sys.exit(_child_main(sys.argv[1], sys.argv[2]))")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far.
+
+    On Linux the high-water mark of this process's own address space (``VmHWM`` of ``/proc/self/status``):
+    ``getrusage``'s ``ru_maxrss`` is not used there because Linux carries it across ``fork``/``exec`` (a child
+    of a large parent starts at the parent's RSS, so it would measure the parent). Elsewhere
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` (bytes on macOS, KiB otherwise)."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    value, unit = line.split()[1:3]
+                    return int(value) * {"kB": 1024, "mB": 2**20}.get(unit, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def device_peak_bytes() -> Optional[int]:
+    """``peak_bytes_in_use`` of the first device where its backend reports memory stats (GPU, TPU), else None
+    (CPU)."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # a backend without memory stats
+        return None
+    peak = (stats or {}).get("peak_bytes_in_use")
+    return None if peak is None else int(peak)
+
+
+def _isolated(cfg, params, tok, task, out_dir, cc, rows, log):
+    """(records, sweep, machine): each row of ``rows`` run by `_row_runner` in a subprocess of its own, one
+    after the other; the inputs handed over once in a pickle (parameters as host numpy arrays)."""
+    import pickle
+    import tempfile
+
+    import jax
+
+    from jlora.peft import base as B
+
+    modules = set()  # a method registered outside jlora must be registered in the child too
+    for row in rows:
+        m = B.get(ROWS.get(row, (row, None))[0])
+        modules |= {getattr(f, "__module__", None) for f in (m.init, m.config) if f is not None}
+    job = {"cfg": cfg, "params": jax.device_get(params), "tok": tok, "task": task, "out_dir": os.path.abspath(out_dir),
+           "cc": cc, "modules": sorted(x for x in modules if x and x != "__main__"),
+           "jax_flags": {k: v for k in _JAX_FLAGS if hasattr(jax.config, k) and (v := getattr(jax.config, k))
+                         is not None}}
+    job_dir = tempfile.mkdtemp(prefix=".isolate-", dir=out_dir)
+    records, sweep, mach = [], [], None
+    try:
+        with open(os.path.join(job_dir, "job.pkl"), "wb") as f:
+            pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
+        del job
+        for row in rows:
+            result = _run_child(job_dir, row, log)
+            records.append(result["record"])
+            sweep += result["sweep"]
+            mach = mach or result["machine"]
+    finally:
+        shutil.rmtree(job_dir, ignore_errors=True)
+    return records, sweep, mach
+
+
+def _run_child(job_dir: str, row: str, log) -> Dict:
+    import pickle
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # on a GPU the parent may already hold XLA's default 75% preallocation: the child allocates as it goes
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    result_path, err_path = os.path.join(job_dir, f"result-{row}.pkl"), os.path.join(job_dir, f"stderr-{row}.txt")
+    cmd = [sys.executable, "-c", _CHILD_BOOT, job_dir, row] + [p for p in sys.path if p]
+    log(f"{row}: in a fresh subprocess (--isolate)")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env,
+                                text=True, bufsize=1)
+        try:
+            for line in proc.stdout:  # the child's log lines, as they come
+                log(line.rstrip("\n"))
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted here: no orphan keeps training
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+    result = None
+    if os.path.exists(result_path):
+        with open(result_path, "rb") as f:
+            result = pickle.load(f)
+    if result is not None and "error" in result:
+        where = f"compare --isolate: method {row!r} failed in its subprocess: {result['summary']}"
+        cause = IsolatedRunError(f"{where}\n\nchild traceback:\n{result['error']}", row, result["error"], rc)
+        if result.get("type") == "ValueError":  # bad input, as in-process: a ValueError (the CLI's plain message)
+            raise ValueError(where) from cause
+        raise cause
+    if result is None or rc != 0:
+        with open(err_path, errors="replace") as f:
+            tail = "".join(f.readlines()[-20:])
+        try:
+            how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+        except ValueError:
+            how = f"was killed by signal {-rc}"
+        hint = " (out of memory?)" if rc in (-signal.SIGKILL, 137) else ""
+        raise IsolatedRunError(f"compare --isolate: method {row!r}: its subprocess {how}{hint} without a result;"
+                               f" the end of its stderr:\n{tail}", row, None, rc)
+    return result
+
+
+def _child_main(job_dir: str, row: str) -> int:
+    """A method's subprocess: runs ``row`` from ``job_dir/job.pkl`` and writes ``result-{row}.pkl`` (the
+    record with its peak RSS and device peak, its sweep points, the machine), or the exception and traceback."""
+    import importlib
+    import pickle
+    import traceback
+
+    try:
+        with open(os.path.join(job_dir, "job.pkl"), "rb") as f:
+            job = pickle.load(f)
+        import jax
+
+        for name, value in job["jax_flags"].items():  # before anything starts a backend
+            jax.config.update(name, value)
+        for mod in job["modules"]:
+            importlib.import_module(mod)
+        run_row = _row_runner(job["cfg"], job["params"], job["tok"], job["task"], job["out_dir"], job["cc"],
+                              log=lambda line: print(line, flush=True))
+        del job
+        rec, points = run_row(row)
+        rec["peak_rss_bytes"] = peak_rss_bytes()  # at the end: the whole sweep and measurement of this method
+        rec["device_peak_bytes"] = device_peak_bytes()
+        result = {"record": rec, "sweep": points, "machine": machine()}
+    except BaseException as e:  # noqa: B036 - reported to the parent, whatever it is
+        result = {"error": traceback.format_exc(), "summary": f"{type(e).__name__}: {e}", "type": type(e).__name__}
+    path = os.path.join(job_dir, f"result-{row}.pkl")
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(path + ".tmp", path)
+    return 1 if "error" in result else 0
 
 
 def _short(v) -> str:
@@ -431,6 +643,7 @@ def _measure(cfg, tok, task, row, point, trained, res, mem, base, test_ex, refs,
            "learning_rate": point["learning_rate"], "trainable_params": int(rep["trainable"]),
            "trainable_percent": 100.0 * rep["trainable"] / n_model, "total_params": int(rep["total"]),
            "peak_memory_bytes": mem["total"], "memory": mem, "memory_source": "xla_memory_analysis",
+           "peak_rss_bytes": None, "device_peak_bytes": None,  # measured per process: --isolate (`_isolated`)
            "step_time_s": step_s, "tokens_per_s": tok_s, "adapter_bytes": dir_bytes(adir),
            "adapter_dir": os.path.relpath(adir, out_dir), "score_before": base["score"], "score_after": score,
            "general_loss_before": base["general_loss"], "general_loss_after": general,
@@ -463,19 +676,23 @@ def _f(x, fmt="{:.3g}") -> str:
 
 
 def markdown(report: Dict) -> str:
-    """The report as Markdown: the table of methods, then the sweep."""
+    """The report as Markdown: the table of methods, then the sweep. ``step memory`` is XLA's analysis of the
+    train step; ``peak RSS`` and ``device peak`` (per-method processes, ``--isolate``) appear where measured."""
+    extra = _process_memory_columns(report["methods"])
     lines = [f"# jlora compare: {report['task']} on {report['model']}", "",
              f"{report['task_description']}. Machine: {report['machine']}; {report['date']}. "
              f"{report['n_train']} training examples ({report['epochs']:.1f} epochs), {report['n_val']} "
              f"validation, {report['n_test']} test; {report['config']['steps']} steps of "
              f"{report['config']['batch_size']} each.", "",
-             "| method | lr | trainable | % | step memory | step s | tokens/s | adapter | score before → after | "
-             "forgetting | overfitting gap | decode tok/s (merged) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | lr | trainable | % | step memory | " + "".join(f"{h} | " for h, _ in extra) +
+             "step s | tokens/s | adapter | score before → after | forgetting | overfitting gap | "
+             "decode tok/s (merged) |",
+             "|---|---|---|---|---|" + "---|" * len(extra) + "---|---|---|---|---|---|---|"]
     for r in report["methods"]:
         lines.append(
             f"| {r['method']} | {r['learning_rate']:g} | {r['trainable_params']:,} | {r['trainable_percent']:.3f} | "
-            f"{_fmt_bytes(r['peak_memory_bytes'])} | {_f(r['step_time_s'])} | {_f(r['tokens_per_s'], '{:.0f}')} | "
+            f"{_fmt_bytes(r['peak_memory_bytes'])} | " + "".join(f"{_fmt_bytes(r.get(k))} | " for _, k in extra) +
+            f"{_f(r['step_time_s'])} | {_f(r['tokens_per_s'], '{:.0f}')} | "
             f"{_fmt_bytes(r['adapter_bytes'])} | {r['score_before']:.1%} → {r['score_after']:.1%} | "
             f"{r['forgetting']:+.4f} | {r['overfitting_gap']:+.4f} | {_f(r['decode_tokens_per_s_unmerged'], '{:.0f}')}"
             f" ({_f(r['decode_tokens_per_s_merged'], '{:.0f}')}) |")
@@ -487,6 +704,12 @@ def markdown(report: Dict) -> str:
                      f"{_f(s['final_train_loss'], '{:.4f}')} |")
     lines += ["", "Plots: loss_curves.png, memory.png, score_vs_params.png, forgetting_vs_score.png."]
     return "\n".join(lines) + "\n"
+
+
+def _process_memory_columns(recs) -> List[Tuple[str, str]]:
+    """(header, key) of the per-process memory columns some record has (``--isolate``)."""
+    return [(h, k) for h, k in (("peak RSS", "peak_rss_bytes"), ("device peak", "device_peak_bytes"))
+            if any(r.get(k) is not None for r in recs)]
 
 
 PLOTS = ("loss_curves.png", "memory.png", "score_vs_params.png", "forgetting_vs_score.png")
@@ -518,8 +741,16 @@ def plot(report: Dict, out_dir: str) -> List[str]:
     save(fig, "loss_curves.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar([r["method"] for r in recs], [r["peak_memory_bytes"] / 2**20 for r in recs])
-    ax.set(ylabel="MiB", title="train step memory (XLA memory analysis)")
+    bars = [("train step (XLA memory analysis)", "peak_memory_bytes")] + [
+        (f"{h} of the method's process" if k == "peak_rss_bytes" else h, k)
+        for h, k in _process_memory_columns(recs)]
+    x, width = np.arange(len(recs)), 0.8 / len(bars)
+    for i, (label, key) in enumerate(bars):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, [(r.get(key) or 0) / 2**20 for r in recs], width, label=label)
+    ax.set_xticks(x, [r["method"] for r in recs])
+    ax.set(ylabel="MiB", title="train step memory (XLA memory analysis)" if len(bars) == 1 else "peak memory")
+    if len(bars) > 1:
+        ax.legend(fontsize=8)
     save(fig, "memory.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 
 import jlora
@@ -123,3 +124,107 @@ def test_cli_refuses_unknowns_without_a_traceback(capsys):
     assert "unknown task 'poems'; known tasks: dates, facts" in capsys.readouterr().err
     assert main(["compare", "--model", "tiny-llama", "--task", "dates", "--out", "x"]) == 1  # no tokenizer
     assert "a tokenizer" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def isolated(tmp_path_factory):
+    """LoRA (two rates and its q,v variant) and IA3, each in a fresh subprocess (``--isolate``)."""
+    out = str(tmp_path_factory.mktemp("compare-isolated"))
+    params = jlora.init_params(CFG, jax.random.key(0))
+    lines = []
+    cc = dataclasses.replace(CC, methods=("lora", "ia3"), isolate=True)
+    rep = C.compare(CFG, params, tiny_tokenizer(), "facts", out, cc, log=lines.append, model_name="tiny-llama")
+    return out, params, rep, lines
+
+
+def test_isolate_same_numbers_and_per_process_memory(report, isolated):
+    _, _, inproc, _ = report
+    out, params, rep, lines = isolated
+    assert [r["method"] for r in rep["methods"]] == ["lora", "ia3"]
+    assert all(r["peak_rss_bytes"] is None and r["device_peak_bytes"] is None for r in inproc["methods"])
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    on_cpu = jax.devices()[0].platform == "cpu"
+    for r in rep["methods"]:
+        ref = next(x for x in inproc["methods"] if x["method"] == r["method"])
+        # same data, same seeds: the same choice and the same numbers as in one process
+        for key in ("learning_rate", "options", "score_before", "score_after", "trainable_params",
+                    "peak_memory_bytes", "adapter_bytes", "memory"):
+            assert r[key] == ref[key], (r["method"], key)
+        for key in ("forgetting", "general_loss_after", "train_loss", "heldout_loss", "val_loss"):
+            assert r[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-6), (r["method"], key)
+        np.testing.assert_allclose(r["loss_curve"], ref["loss_curve"], rtol=1e-6)
+        assert isinstance(r["peak_rss_bytes"], int) and r["peak_rss_bytes"] > param_bytes
+        assert r["device_peak_bytes"] is None if on_cpu else r["device_peak_bytes"] > param_bytes
+    order = {m: i for i, m in enumerate(r["method"] for r in rep["methods"])}
+    points = sorted((s for s in inproc["sweep"] if s["method"] in order), key=lambda s: order[s["method"]])
+    assert [(s["method"], s["learning_rate"], s["options"]) for s in rep["sweep"]] == \
+        [(s["method"], s["learning_rate"], s["options"]) for s in points]
+    assert [s["val_loss"] for s in rep["sweep"]] == pytest.approx([s["val_loss"] for s in points], rel=1e-6)
+    assert rep["config"]["isolate"] is True and rep["machine"] == inproc["machine"]
+    # the children's progress reached the parent's log, as it came; nothing of the hand-off is left behind
+    assert "lora: in a fresh subprocess (--isolate)" in lines and any(l.startswith("ia3: lr 0.01") for l in lines)
+    assert not [n for n in os.listdir(out) if n.startswith(".isolate")]
+    assert json.load(open(os.path.join(out, "report.json"))) == json.loads(json.dumps(rep))
+    md = open(os.path.join(out, "report.md")).read()
+    md_lines = md.splitlines()
+    start = next(i for i, l in enumerate(md_lines) if l.startswith("| method | lr"))
+    table = md_lines[start:md_lines.index("", start)]  # header, rule, one row per method
+    assert "| step memory | peak RSS | step s |" in table[0] and len(table) == 4
+    assert ("device peak" in table[0]) == (not on_cpu) and "peak RSS" not in C.markdown(inproc)
+    assert len({l.count("|") for l in table}) == 1
+    lora = next(r for r in rep["methods"] if r["method"] == "lora")
+    assert f"| {C._fmt_bytes(lora['peak_memory_bytes'])} | {C._fmt_bytes(lora['peak_rss_bytes'])} |" in md
+    from PIL import Image
+
+    with Image.open(os.path.join(out, "memory.png")) as im:
+        im.verify()
+
+
+def test_isolate_errors_name_the_method(tmp_path, monkeypatch):
+    params = jlora.init_params(CFG, jax.random.key(0))
+    cc = dataclasses.replace(CC, methods=("ia3",), isolate=True, method_options={"ia3": {"nonsense": 1}})
+    with pytest.raises(ValueError, match=r"method 'ia3' failed in its subprocess: ValueError: .*nonsense") as e:
+        C.compare(CFG, params, tiny_tokenizer(), "facts", str(tmp_path / "a"), cc, log=lambda _: None)
+    assert isinstance(e.value.__cause__, C.IsolatedRunError) and e.value.__cause__.method == "ia3"
+    assert "Traceback" in e.value.__cause__.child_traceback
+    # a child that dies without a word (e.g. the OOM killer): an error naming the method, not a hang
+    monkeypatch.setattr(C, "_CHILD_BOOT", "import os, signal, sys; sys.stderr.write('dying\\n'); "
+                                          "os.kill(os.getpid(), signal.SIGKILL)")
+    cc = dataclasses.replace(CC, methods=("lora",), isolate=True)
+    with pytest.raises(C.IsolatedRunError, match=r"method 'lora': its subprocess was killed by SIGKILL "
+                                                 r"\(out of memory\?\)(.|\n)*dying") as e:
+        C.compare(CFG, params, tiny_tokenizer(), "facts", str(tmp_path / "b"), cc, log=lambda _: None)
+    assert e.value.method == "lora" and e.value.returncode == -9
+    assert not [n for n in os.listdir(tmp_path / "b") if n.startswith(".isolate")]
+
+
+def test_cli_isolate_flag_reaches_the_config(report, monkeypatch, capsys):
+    import jlora.cli as cli
+
+    seen = {}
+
+    def fake_compare(cfg, params, tok, task, out, cc, model_name=""):
+        seen["cc"] = cc
+        return report[2]
+
+    monkeypatch.setattr(cli, "resolve_model", lambda name: "/models/tiny")
+    monkeypatch.setattr(jlora, "load_pretrained", lambda path: (CFG, None))
+    monkeypatch.setattr(jlora, "load_tokenizer", lambda path: tiny_tokenizer())
+    monkeypatch.setattr(C, "compare", fake_compare)
+    for flags, want in (([], False), (["--isolate"], True)):
+        assert cli.main(["compare", "--model", "tiny", "--methods", "lora", "--out", "x"] + flags) == 0
+        assert seen["cc"].isolate is want
+    capsys.readouterr()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux: ru_maxrss survives fork/exec")
+def test_peak_rss_is_the_childs_own():
+    """Linux hands a child's ru_maxrss the parent's RSS across fork/exec; `peak_rss_bytes` is the child's own."""
+    import subprocess
+    import sys
+
+    big = np.ones(512 * 2**20 // 8)  # 512 MiB resident in this (the parent) process
+    code = "from jlora.compare import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert big.sum() > 0 and C.peak_rss_bytes() > 512 * 2**20
+    assert 0 < child < C.peak_rss_bytes() - 384 * 2**20
