@@ -284,7 +284,8 @@ def cmd_serve(a):
           f"{len(adapters)} adapter(s) {sorted(adapters)} on http://{a.host}:{a.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     S.serve(cfg, base, tok, adapters, host=a.host, port=a.port, options=opts, max_batch=a.max_batch,
-            queue_size=a.queue_size, log_level=a.log_level, graceful_s=a.shutdown_timeout)
+            queue_size=a.queue_size, max_adapters=a.max_adapters, log_level=a.log_level,
+            graceful_s=a.shutdown_timeout)
     print("jlora serve: stopped", file=sys.stderr)
 
 
@@ -442,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hold the base quantized (QLoRA adapters are served on it)")
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     sv.add_argument("--queue-size", type=int, default=64, help="requests waiting before 429 (default 64)")
+    sv.add_argument("--max-adapters", type=int, default=256, help="the most adapters loaded at once (default 256)")
     sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     sv.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may wait and run")
     sv.add_argument("--max-body-kb", type=int, default=1024, help="request body limit (KiB)")

@@ -8,8 +8,8 @@ The pieces:
 
 * `Engine`: a bounded request queue and one worker thread that owns the accelerator. **Continuous batching**:
   when no batch runs, it takes the waiting requests (up to ``max_batch``, after waiting ``batch_wait_s`` for
-  company), left-pads their prompts into one batch (rows padded to a power of two, prompts to a multiple of 16,
-  the cache to a multiple of 64 and at least ``min_slots``, so shapes repeat and compilations are reused) and
+  company), left-pads their prompts into one batch (rows, prompt length and cache slots each padded to a power of
+  two -- prompts at least 16, the cache at least ``min_slots`` -- so shapes repeat and compilations are reused) and
   prefills; then it decodes one token per step for the whole batch. Between steps, a newly arrived request joins
   the running batch in a free row (or a new row, up to ``max_batch``): its prompt is prefilled alone into the
   cache slots just before the batch's current slot and spliced into its row, and from the next step it decodes
@@ -51,6 +51,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -61,14 +62,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import ModelConfig
-from jlora.generate import _decode, _filter_logits, _round_up
+from jlora.generate import _decode, _filter_logits
 from jlora.model import forward, init_cache, lm_head
 from jlora.peft.multi import BASE, AdapterSet
 
 log = logging.getLogger("jlora.serve")
 
-_PROMPT_BUCKET = 16
-_CACHE_BUCKET = 64
+_MIN_PROMPT = 16  # prompts are padded to a power of two >= this, caches to a power of two >= min_slots: a
+# client cannot force more than a few dozen compiled shapes (log2 buckets x batch sizes x sampling flags)
+_MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (logits / 1e-39 overflows float32)
+
+
+def _bucket(n: int, least: int) -> int:
+    return max(int(least), _pow2(n))
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -135,24 +142,32 @@ def _step(cfg, params, cache, tok, steps, seeds, temp, top_k, top_p, greedy, *, 
     return _choose(logits, seeds, steps, temp, top_k, top_p, greedy, sample=sample, filtered=filtered), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sample", "filtered"), donate_argnames=("cache",))
-def _join(cfg, params1, cache, row, tokens1, mask1, seed1, temp1, top_k1, top_p1, greedy1, *, sample, filtered):
-    """Continuous batching: a request joins a running batch in row ``row``. Its prompt (left-padded to ``T``) is
-    prefilled alone into the slots just before the batch's current slot ``i = cache["index"]`` (``[i - T, i)``)
-    of a one-row cache, whose keys, values, key mask and position then replace row ``row`` of the batch's cache;
-    the next step decodes it at slot ``i`` with everyone else. Returns (its first token, the cache)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "n_slots", "sample", "filtered"))
+def _prefill_one(cfg, params1, index, tokens1, mask1, seed1, temp1, top_k1, top_p1, greedy1, *, n_slots, sample,
+                 filtered):
+    """Continuous batching, part 1: a joining request's prompt (left-padded to ``T``) prefilled alone into the
+    slots just before the running batch's current slot ``index`` (``[index - T, index)``) of a one-row cache of the
+    batch's size. Returns (its first token, the one-row cache)."""
     t = tokens1.shape[1]
-    one = init_cache(cfg, 1, cache["key_mask"].shape[1])
-    one["index"] = cache["index"] - t
+    one = init_cache(cfg, 1, n_slots)
+    one["index"] = index - t
     hidden, one = forward(cfg, params1, tokens1, attention_mask=mask1, cache=one)
     logits = lm_head(cfg, params1, hidden[:, -1]).astype(jnp.float32)
     tok1 = _choose(logits, seed1, jnp.zeros((1,), jnp.int32), temp1, top_k1, top_p1, greedy1, sample=sample,
                    filtered=filtered)
+    return tok1[0], one
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _splice(cache, one, tok, row, tok1):
+    """Continuous batching, part 2: the one-row cache's keys, values, key mask and position replace row ``row`` of
+    the batch's cache (all of its slots: nothing of a previous occupant remains visible); the next step decodes the
+    new row at the shared slot with everyone else."""
     new = dict(cache)
     new["layers"] = [{k: lc[k].at[row].set(l1[k][0]) for k in lc} for lc, l1 in zip(cache["layers"], one["layers"])]
     new["key_mask"] = cache["key_mask"].at[row].set(one["key_mask"][0])
     new["next_pos"] = cache["next_pos"].at[row].set(one["next_pos"][0])
-    return tok1[0], new
+    return new, tok.at[row].set(tok1)
 
 
 @functools.partial(jax.jit, static_argnames=("b",))
@@ -285,8 +300,8 @@ class _Batch:
     def set_row(self, j: int, row: "_Row") -> None:
         req = row.req
         self.rows[j] = row
-        self.greedy[j] = req.temperature == 0
-        self.temp[j] = req.temperature if req.temperature > 0 else 1.0
+        self.greedy[j] = req.temperature < _MIN_TEMPERATURE
+        self.temp[j] = 1.0 if self.greedy[j] else req.temperature
         self.top_k[j], self.top_p[j] = req.top_k, req.top_p
         self.seeds[j] = (req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")) & 0x7FFFFFFF
 
@@ -324,10 +339,12 @@ class Engine:
       batch_wait_s: when no batch runs, how long the first request waits for company.
       context: the longest prompt + new tokens a request may use (default ``cfg.max_positions``).
       min_slots: a new batch's cache has at least this many slots (room for requests that join later).
+      max_adapters: the most adapters `add_adapter` loads (409 beyond).
     """
 
     def __init__(self, adapters: AdapterSet, tokenizer, *, max_batch: int = 8, queue_size: int = 64,
-                 batch_wait_s: float = 0.005, context: Optional[int] = None, min_slots: int = 512):
+                 batch_wait_s: float = 0.005, context: Optional[int] = None, min_slots: int = 512,
+                 max_adapters: int = 256):
         if max_batch < 1 or queue_size < 1:
             raise ValueError(f"Engine: max_batch and queue_size must be >= 1, got {max_batch}, {queue_size}")
         self.set = adapters
@@ -337,6 +354,9 @@ class Engine:
         self.batch_wait_s = float(batch_wait_s)
         self.context = int(context or self.cfg.max_positions)
         self.min_slots = int(min_slots)
+        self.max_adapters = int(max_adapters)
+        self._names = tuple(adapters.names)
+        self._inflight: List[GenRequest] = []  # taken from the queue, not yet in the batch (failed with it)
         self.queue_size = int(queue_size)
         self._waiting: "collections.deque[GenRequest]" = collections.deque()
         self._cv = threading.Condition()
@@ -352,6 +372,7 @@ class Engine:
 
     def start(self) -> "Engine":
         if self._thread is None:
+            self._stop.clear()
             self._thread = threading.Thread(target=self._work, name="jlora-engine", daemon=True)
             self._thread.start()
         return self
@@ -391,17 +412,22 @@ class Engine:
     def add_adapter(self, name: str, adapter, *, replace: bool = False) -> None:
         """`AdapterSet.add` under the engine's lock (safe while a batch runs: each step reads the set anew)."""
         with self._lock:
+            if name not in self.set and len(self.set.names) >= self.max_adapters:
+                raise ApiError(409, f"{self.max_adapters} adapters are loaded, the most this server holds "
+                                    f"(--max-adapters); unload one first", code="too_many_adapters")
             self.set.add(name, adapter, replace=replace)
+            self._names = tuple(self.set.names)
 
     def remove_adapter(self, name: str) -> None:
         """Unloads an adapter; rows still generating with it end with a 404 error."""
         with self._lock:
             self.set.remove(name)
+            self._names = tuple(self.set.names)
 
     @property
     def adapter_names(self) -> List[str]:
-        with self._lock:
-            return list(self.set.names)
+        """The loaded adapters (a snapshot taken after each change: reading it never waits for a load)."""
+        return list(self._names)
 
     # -- requests --------------------------------------------------------------------------------------------
 
@@ -423,11 +449,11 @@ class Engine:
 
     def submit(self, req: GenRequest) -> None:
         """Queues a checked request (429 `ApiError` when the queue is full, 503 when shutting down)."""
-        if self._stop.is_set():
-            raise ApiError(503, "the server is shutting down", code="shutting_down")
         self.check(req)
         req.deadline = time.monotonic() + req.timeout_s
-        with self._cv:
+        with self._cv:  # under the lock: close() drains the queue under it too
+            if self._stop.is_set():
+                raise ApiError(503, "the server is shutting down", code="shutting_down")
             if len(self._waiting) >= self.queue_size:
                 raise ApiError(429, f"the server is busy: {self.queue_size} requests are already waiting; retry "
                                     f"later", code="queue_full")
@@ -470,6 +496,7 @@ class Engine:
                     break
                 out.append(self._waiting.popleft())
                 longest, max_new = lo, mn
+            self._inflight = list(out)
             return out
 
     def work_once(self) -> None:
@@ -489,11 +516,13 @@ class Engine:
             except Exception as e:  # a bug or a device failure: fail the batch, keep serving
                 log.exception("jlora serve: a batch failed")
                 batch, self._batch = self._batch, None
-                for row in (batch.rows if batch else []):
-                    if row is not None and not row.done:
-                        row.done = True
-                        row.req.emit("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}",
-                                                       code="internal_error"))
+                failed = [row.req for row in (batch.rows if batch else []) if row is not None and not row.done]
+                failed += [r for r in self._inflight if all(r is not f for f in failed)]
+                self._inflight = []
+                for req in failed:
+                    req.cancelled = True
+                    req.emit("error", ApiError(500, f"generation failed ({type(e).__name__}; see the server log)",
+                                               code="internal_error"))
         if self._batch is not None:  # stopping: finish what runs (uvicorn waited for running requests already)
             batch, self._batch = self._batch, None
             for row in batch.rows:
@@ -520,8 +549,10 @@ class Engine:
         b = _pow2(len(reqs))
         longest = max(len(r.prompt) for r in reqs)
         max_new = max(r.max_tokens for r in reqs)
-        t_pad = min(_round_up(longest, _PROMPT_BUCKET), self.context - max_new)
-        n_slots = min(max(_round_up(t_pad + max_new, _CACHE_BUCKET), self.min_slots), self.context)
+        t_pad = _bucket(longest, _MIN_PROMPT)
+        if t_pad + max_new > self.context:  # near the context: exact (rare, so few extra shapes)
+            t_pad = self.context - max_new
+        n_slots = min(_bucket(t_pad + max_new, self.min_slots), self.context)
         batch = _Batch(b, n_slots)
         for j, r in enumerate(reqs):
             batch.set_row(j, _Row(r, self.tokenizer))
@@ -541,6 +572,7 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["rows"] += len(reqs)
         self._batch = batch
+        self._inflight = []
         self._deliver(batch, np.asarray(tok))
 
     def _deliver(self, batch: _Batch, host: np.ndarray, rows: Optional[List[int]] = None) -> None:
@@ -561,28 +593,39 @@ class Engine:
                                               len({batch.rows[j].req.adapter for j in act}))
 
     def _admit(self, batch: _Batch) -> None:
-        """Lets waiting requests join the running batch while the first in line fits (see the class docstring)."""
+        """Lets waiting requests join the running batch while the first in line fits (see the class docstring).
+        Decided under the queue's lock; the joins (prefills) run outside it, so `submit` never waits for them."""
+        take = []
         with self._cv:
             if self._paused:
                 return
             now = time.monotonic()
-            while self._waiting:
+            free = [j for j, row in enumerate(batch.rows) if row is None or row.done]
+            room = self.max_batch - (batch.size - len(free))
+            size = batch.size
+            while self._waiting and room > 0:
                 r = self._waiting[0]
                 if self._expired(r, now):
                     self._waiting.popleft()
                     continue
-                t = _round_up(len(r.prompt), _PROMPT_BUCKET)
-                free = [j for j, row in enumerate(batch.rows) if row is None or row.done]
-                if t > batch.index or batch.index + r.max_tokens > batch.n_slots or (
-                        not free and batch.size >= self.max_batch):
-                    return
-                self._waiting.popleft()
+                t = _bucket(len(r.prompt), _MIN_PROMPT)
+                if t > batch.index or batch.index + r.max_tokens > batch.n_slots:
+                    break
                 if not free:
-                    b = min(_pow2(batch.size + 1), _pow2(self.max_batch))
-                    batch.cache, batch.tok = _grow(batch.cache, batch.tok, b=b)
-                    batch.grow(b)
-                    free = [j for j, row in enumerate(batch.rows) if row is None or row.done]
-                self._join(batch, free[0], r, t)
+                    if size >= self.max_batch:
+                        break
+                    new = min(_pow2(size + 1), _pow2(self.max_batch))
+                    free += list(range(size, new))
+                    size = new
+                take.append((free.pop(0), self._waiting.popleft(), t))
+                room -= 1
+            self._inflight = [r for _, r, _ in take]
+        if size > batch.size:
+            batch.cache, batch.tok = _grow(batch.cache, batch.tok, b=size)
+            batch.grow(size)
+        for j, r, t in take:
+            self._join(batch, j, r, t)
+            self._inflight.remove(r)
 
     def _join(self, batch: _Batch, j: int, req: GenRequest, t: int) -> None:
         with self._lock:
@@ -599,14 +642,23 @@ class Engine:
         mask[0, t - len(req.prompt):] = True
         sample, filtered = batch.flags([j])
         sl = slice(j, j + 1)
-        tok1, batch.cache = _join(self.cfg, params1, batch.cache, jnp.int32(j), jnp.asarray(tokens),
-                                  jnp.asarray(mask), batch.seeds[sl], batch.temp[sl], batch.top_k[sl],
-                                  batch.top_p[sl], batch.greedy[sl], sample=sample, filtered=filtered)
-        batch.tok = batch.tok.at[j].set(tok1)
+        try:  # a failure here (e.g. out of memory compiling a new shape) fails this request only
+            tok1, one = _prefill_one(self.cfg, params1, jnp.int32(batch.index), jnp.asarray(tokens),
+                                     jnp.asarray(mask), batch.seeds[sl], batch.temp[sl], batch.top_k[sl],
+                                     batch.top_p[sl], batch.greedy[sl], n_slots=batch.n_slots, sample=sample,
+                                     filtered=filtered)
+            tok1 = int(tok1)
+        except Exception as e:
+            log.exception("jlora serve: a request could not join the batch")
+            row.done = True
+            req.emit("error", ApiError(500, f"generation failed ({type(e).__name__}; see the server log)",
+                                       code="internal_error"))
+            return
+        batch.cache, batch.tok = _splice(batch.cache, one, batch.tok, jnp.int32(j), jnp.int32(tok1))
         self.stats["rows"] += 1
         self.stats["joined"] += 1
         host = np.zeros((batch.size,), np.int32)
-        host[j] = int(tok1)
+        host[j] = tok1
         self._deliver(batch, host, rows=[j])  # its first token, from its own prefill
 
     def _tick(self) -> None:
@@ -645,6 +697,8 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     max_adapter_bytes: int = 1 << 30
     request_timeout_s: float = 300.0
+    local_only: bool = False  # set by `serve` / `start_server` for a loopback bind: without a key, only local
+    # Host / Origin headers are answered (no cross-site requests from a browser, no DNS rebinding)
 
 
 def _now() -> int:
@@ -696,7 +750,7 @@ def build_app(engine: Engine, options: ServeOptions):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     opts = options
@@ -707,6 +761,15 @@ def build_app(engine: Engine, options: ServeOptions):
 
     def auth(request: Request) -> None:
         if not opts.api_key:
+            if opts.local_only:  # no key on a loopback bind: refuse what a web page could send (CSRF, rebinding)
+                host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]").lower()
+                origin = request.headers.get("origin")
+                origin_host = (origin.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]").lower()
+                               if origin else None)
+                if host not in _LOCAL_HOSTS or (origin is not None and origin_host not in _LOCAL_HOSTS):
+                    raise ApiError(403, "without an API key this server answers only local clients (Host and Origin "
+                                        "must be localhost); start it with --api-key to serve others",
+                                   code="not_local")
             return
         got = request.headers.get("authorization", "")
         scheme, _, token = got.partition(" ")
@@ -715,6 +778,10 @@ def build_app(engine: Engine, options: ServeOptions):
                            code="invalid_api_key")
 
     async def read_json(request: Request) -> dict:
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json":  # also keeps browsers' "simple" cross-site posts out
+            raise ApiError(415, f"the request body must be JSON with 'Content-Type: application/json', got "
+                                f"{ctype or 'no content type'!r}", code="unsupported_media_type")
         n = request.headers.get("content-length")
         if n is not None and n.isdigit() and int(n) > opts.max_body_bytes:
             raise ApiError(413, f"the request body is {int(n)} bytes; the limit is {opts.max_body_bytes}",
@@ -727,8 +794,8 @@ def build_app(engine: Engine, options: ServeOptions):
                                code="body_too_large")
         try:
             body = json.loads(bytes(data) or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge ints, deep nesting
+            raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}",
                            code="invalid_json")
@@ -844,20 +911,29 @@ def build_app(engine: Engine, options: ServeOptions):
             raise
         return events, reqs
 
-    async def collect(events, reqs):
+    async def next_event(events, deadline, request=None):
+        """The next engine event; 504 past the deadline; None if the client has gone (checked twice a second)."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError(504, f"the request ran longer than its timeout of {opts.request_timeout_s:g} s",
+                               code="timeout")
+            try:
+                return await asyncio.wait_for(events.get(), min(left, 0.5))
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return None
+
+    async def collect(events, reqs, request):
         texts = [[] for _ in reqs]
         done: Dict[int, dict] = {}
         deadline = time.monotonic() + opts.request_timeout_s + 5.0
         try:
             while len(done) < len(reqs):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ApiError(504, f"the request ran longer than its timeout of {opts.request_timeout_s:g} s",
-                                   code="timeout")
-                try:
-                    i, kind, payload = await asyncio.wait_for(events.get(), left)
-                except asyncio.TimeoutError:
-                    continue
+                ev = await next_event(events, deadline, request)
+                if ev is None:  # the client went away: stop its rows, answer nobody
+                    return None
+                i, kind, payload = ev
                 if kind == "delta":
                     texts[i].append(payload)
                 elif kind == "done":
@@ -881,12 +957,17 @@ def build_app(engine: Engine, options: ServeOptions):
         async def gen():
             done = 0
             usage = {"prompt_tokens": 0, "completion_tokens": 0}
+            deadline = time.monotonic() + opts.request_timeout_s + 5.0
             try:
                 first = chunk(0, None, None, first=True)
                 if first is not None:
                     yield sse(first)
                 while done < len(reqs):
-                    i, kind, payload = await events.get()
+                    try:
+                        i, kind, payload = await next_event(events, deadline)
+                    except ApiError as e:
+                        yield sse(e.body())
+                        return
                     if kind == "delta":
                         yield sse(chunk(i, payload, None))
                     elif kind == "done":
@@ -914,9 +995,9 @@ def build_app(engine: Engine, options: ServeOptions):
         adapter = adapter_of(body)
         s = sampling(body, 16)
         prompts = prompts_of(body)
-        if len(prompts) > engine.max_batch * 4:
-            raise ApiError(400, f"at most {engine.max_batch * 4} prompts per request, got {len(prompts)}",
-                           param="prompt")
+        most = min(engine.max_batch * 4, engine.queue_size)
+        if len(prompts) > most:
+            raise ApiError(400, f"at most {most} prompts per request, got {len(prompts)}", param="prompt")
         events, reqs = start(prompts, adapter, s)
         rid, model = f"cmpl-{uuid.uuid4().hex}", body["model"]
 
@@ -931,7 +1012,10 @@ def build_app(engine: Engine, options: ServeOptions):
 
             return stream(events, reqs, chunk,
                           (lambda u: obj([], u)) if s["include_usage"] else None)
-        texts, reasons, usage = await collect(events, reqs)
+        got = await collect(events, reqs, request)
+        if got is None:
+            return Response(status_code=499)
+        texts, reasons, usage = got
         return JSONResponse(obj([{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                                  for i, (t, r) in enumerate(zip(texts, reasons))], usage))
 
@@ -959,7 +1043,10 @@ def build_app(engine: Engine, options: ServeOptions):
 
             return stream(events, reqs, chunk,
                           (lambda u: obj([], u, kind="chat.completion.chunk")) if s["include_usage"] else None)
-        texts, reasons, usage = await collect(events, reqs)
+        got = await collect(events, reqs, request)
+        if got is None:
+            return Response(status_code=499)
+        texts, reasons, usage = got
         return JSONResponse(obj([{"index": 0, "message": {"role": "assistant", "content": texts[0]},
                                   "logprobs": None, "finish_reason": reasons[0]}], usage))
 
@@ -979,15 +1066,25 @@ def build_app(engine: Engine, options: ServeOptions):
             raise ApiError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
         return JSONResponse(model_obj(name))
 
-    def _dir_bytes(path: str) -> int:
+    def check_dir(real: str, path: str) -> None:
+        """The adapter directory holds only regular files inside the allowed roots, within the size limit."""
         total = 0
-        for dirpath, _, files in os.walk(path):
-            for f in files:
-                try:
-                    total += os.path.getsize(os.path.join(dirpath, f))
-                except OSError:
-                    pass
-        return total
+        for dirpath, dirs, files in os.walk(real):
+            for f in dirs + files:
+                full = os.path.join(dirpath, f)
+                target = os.path.realpath(full)
+                if not any(target == r or target.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+                    raise ApiError(403, f"{path!r} holds a link leading outside the allowed adapter directories",
+                                   param="path", code="path_not_allowed")
+                if f in files:
+                    st = os.stat(full)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise ApiError(400, f"{path!r} holds {f!r}, which is not a regular file", param="path",
+                                       code="invalid_adapter")
+                    total += st.st_size
+                    if total > opts.max_adapter_bytes:
+                        raise ApiError(413, f"the adapter at {path!r} exceeds the limit of {opts.max_adapter_bytes} "
+                                            f"bytes", param="path", code="adapter_too_large")
 
     async def add_adapter(request: Request):
         auth(request)
@@ -1004,16 +1101,15 @@ def build_app(engine: Engine, options: ServeOptions):
         if not roots:
             raise ApiError(403, "loading adapters at run time is off: start the server with --adapter-dir DIR",
                            param="path", code="adapter_loading_disabled")
+        if "\x00" in path:
+            raise ApiError(400, "path must not contain NUL characters", param="path")
         real = os.path.realpath(path if os.path.isabs(path) else os.path.join(roots[0], path))
         if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
             raise ApiError(403, f"the path {path!r} is outside the adapter directories the server allows",
                            param="path", code="path_not_allowed")
         if not os.path.isdir(real):
             raise ApiError(404, f"no adapter directory at {path!r}", param="path", code="adapter_not_found")
-        size = _dir_bytes(real)
-        if size > opts.max_adapter_bytes:
-            raise ApiError(413, f"the adapter at {path!r} is {size} bytes; the limit is {opts.max_adapter_bytes}",
-                           param="path", code="adapter_too_large")
+        await asyncio.to_thread(check_dir, real, path)
         if name in engine.set and not replace:
             raise ApiError(409, f"an adapter named {name!r} is already loaded (send \"replace\": true)",
                            param="name", code="adapter_exists")
@@ -1036,7 +1132,7 @@ def build_app(engine: Engine, options: ServeOptions):
         name = request.path_params["name"]
         if name not in engine.set:
             raise ApiError(404, f"no adapter named {name!r} is loaded", param="name", code="model_not_found")
-        engine.remove_adapter(name)
+        await asyncio.to_thread(engine.remove_adapter, name)
         log.info("unloaded adapter %r", name)
         return JSONResponse({"id": name, "object": "model", "deleted": True})
 
@@ -1051,7 +1147,7 @@ def build_app(engine: Engine, options: ServeOptions):
 
     async def on_error(request: Request, exc: Exception):
         log.exception("jlora serve: unexpected error on %s", request.url.path)
-        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
+        return JSONResponse(ApiError(500, f"internal error ({type(exc).__name__}; see the server log)",
                                      code="internal_error").body(), status_code=500)
 
     @contextlib.asynccontextmanager
@@ -1089,7 +1185,8 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
+                                                    timeout_graceful_shutdown=10))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="jlora-serve")
         self.thread.start()
@@ -1109,21 +1206,25 @@ class ServerThread:
         self.sock.close()
 
 
-def make_engine(cfg: ModelConfig, base_params, tokenizer, adapters: Dict[str, Any] = None, *, max_batch: int = 8,
-                queue_size: int = 64, batch_wait_s: float = 0.005, capacity: int = 8, rank_bucket: int = 8) -> Engine:
-    """An `Engine` over a new `AdapterSet` on ``base_params`` with ``adapters`` (name -> tree or PEFT dir)."""
+def make_engine(cfg: ModelConfig, base_params, tokenizer, adapters: Dict[str, Any] = None, *, capacity: int = 8,
+                rank_bucket: int = 8, **engine_kw) -> Engine:
+    """An `Engine` (``engine_kw``: its options, e.g. ``max_batch``, ``queue_size``, ``max_adapters``) over a new
+    `AdapterSet` on ``base_params`` with ``adapters`` (name -> tree or PEFT dir)."""
     s = AdapterSet(cfg, base_params, capacity=capacity, rank_bucket=rank_bucket)
     for name, a in (adapters or {}).items():
         if not isinstance(name, str) or not _NAME_RE.match(name) or name == BASE:
             raise ValueError(f"adapter name {name!r}: use 1-128 letters, digits and ._:- (starting with a letter "
                              f"or digit), not {BASE!r}")
         s.add(name, a)
-    return Engine(s, tokenizer, max_batch=max_batch, queue_size=queue_size, batch_wait_s=batch_wait_s)
+    return Engine(s, tokenizer, **engine_kw)
+
+
+def _options(options: Optional[ServeOptions], host: str) -> ServeOptions:
+    return dataclasses.replace(options or ServeOptions(), local_only=host in _LOCAL_HOSTS)
 
 
 def start_server(cfg: ModelConfig, base_params, tokenizer, adapters: Dict[str, Any] = None, *, host: str = "127.0.0.1",
-                 port: int = 0, options: Optional[ServeOptions] = None, max_batch: int = 8, queue_size: int = 64,
-                 batch_wait_s: float = 0.005) -> ServerThread:
+                 port: int = 0, options: Optional[ServeOptions] = None, **engine_kw) -> ServerThread:
     """Starts an OpenAI-compatible server in a background thread; ``.url`` for clients, ``.stop()`` to end it.
 
     Example:
@@ -1136,21 +1237,19 @@ def start_server(cfg: ModelConfig, base_params, tokenizer, adapters: Dict[str, A
       'tiny'
       >>> srv.stop()
     """
-    engine = make_engine(cfg, base_params, tokenizer, adapters, max_batch=max_batch, queue_size=queue_size,
-                         batch_wait_s=batch_wait_s)
-    return ServerThread(build_app(engine, options or ServeOptions()), host, port)
+    engine = make_engine(cfg, base_params, tokenizer, adapters, **engine_kw)
+    return ServerThread(build_app(engine, _options(options, host)), host, port)
 
 
 def serve(cfg: ModelConfig, base_params, tokenizer, adapters: Dict[str, Any], *, host: str = "127.0.0.1",
-          port: int = 8000, options: Optional[ServeOptions] = None, max_batch: int = 8, queue_size: int = 64,
-          batch_wait_s: float = 0.005, log_level: str = "info", graceful_s: float = 30.0) -> None:
+          port: int = 8000, options: Optional[ServeOptions] = None, log_level: str = "info", graceful_s: float = 30.0,
+          **engine_kw) -> None:
     """Runs the server in the foreground until SIGTERM / SIGINT (uvicorn's signal handling: stop accepting,
     finish running requests for up to ``graceful_s``, then the engine fails what is still queued with 503)."""
     import uvicorn
 
-    engine = make_engine(cfg, base_params, tokenizer, adapters, max_batch=max_batch, queue_size=queue_size,
-                         batch_wait_s=batch_wait_s)
-    app = build_app(engine, options or ServeOptions())
+    engine = make_engine(cfg, base_params, tokenizer, adapters, **engine_kw)
+    app = build_app(engine, _options(options, host))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                            timeout_graceful_shutdown=graceful_s))
     # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown), then re-raises the signal under the handlers it

@@ -435,3 +435,133 @@ def test_continuous_batching_requests_join_a_running_batch(world):
     alone.submit(r5)
     _drive(alone, lambda: out2[k5]["done"] is not None)
     assert out2[k5]["text"] == out[k4]["text"]
+
+
+def _raw_to(srv, method, path, body=b"", headers=None):
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
+    conn.request(method, path, body=body, headers=headers or {})
+    r = conn.getresponse()
+    text = r.read().decode()
+    conn.close()
+    return r.status, (json.loads(text) if text.startswith("{") else text)
+
+
+def test_keyless_local_server_refuses_cross_site_and_odd_input(world, tmp_path):
+    """Without a key on 127.0.0.1: foreign Host/Origin headers (a web page, DNS rebinding) and non-JSON content
+    types are refused; adapter directories with links out or non-regular files are refused; --max-adapters holds."""
+    root = tmp_path / "root"
+    root.mkdir()
+    jlora.save_adapter(world["cfg"], world["trees"]["late"], str(root / "ok"))
+    (root / "link").mkdir()
+    (root / "link" / "adapter_config.json").symlink_to(world["tmp"] / "outside" / "adapter_config.json")
+    (root / "fifo").mkdir()
+    os.mkfifo(root / "fifo" / "adapter_model.safetensors")
+    opts = S.ServeOptions(model_name="t", adapter_dirs=[str(root)])
+    srv = S.start_server(world["cfg"], world["base"], world["tok"], {"a": world["trees"]["a"]}, options=opts,
+                         max_adapters=1)
+    try:
+        js = {"Content-Type": "application/json"}
+        body = json.dumps({"model": "a", "prompt": "hi", "max_tokens": 2}).encode()
+        assert _raw_to(srv, "POST", "/v1/completions", body, js)[0] == 200
+        assert _raw_to(srv, "POST", "/v1/completions", body, {**js, "Origin": "http://localhost:3000"})[0] == 200
+        for extra, status in [({"Origin": "https://evil.example"}, 403), ({"Host": "evil.example"}, 403),
+                              ({"Content-Type": "text/plain"}, 415), ({"Content-Type": ""}, 415)]:
+            got, out = _raw_to(srv, "POST", "/v1/completions", body, {**js, **extra})
+            assert got == status and out["error"]["message"], (extra, got, out)
+        assert _raw_to(srv, "GET", "/v1/models", b"", {"Host": "evil.example"})[0] == 403
+        deep = b'{"model": "a", "prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+        assert _raw_to(srv, "POST", "/v1/completions", deep, js)[0] in (400, 413)
+        for path, status in [("link", 403), ("fifo", 400), ("o\x00k", 400)]:
+            got, out = _raw_to(srv, "POST", "/v1/adapters", json.dumps({"name": "n", "path": path}).encode(), js)
+            assert got == status, (path, got, out)
+        got, out = _raw_to(srv, "POST", "/v1/adapters", json.dumps({"name": "n", "path": "ok"}).encode(), js)
+        assert (got, out["error"]["code"]) == (409, "too_many_adapters"), out
+    finally:
+        srv.stop()
+
+
+def test_engine_failures_fail_only_their_requests(world, monkeypatch):
+    """An exception while starting a batch answers its requests with 500 and the engine goes on; a request whose
+    join fails gets a 500 while the running batch finishes; active rows never exceed a max_batch of 3; a tiny
+    temperature is greedy; a cancelled request is dropped."""
+    cfg, base, tok = world["cfg"], world["base"], world["tok"]
+    real_prefill, real_one = S._prefill, S._prefill_one
+
+    def boom(*a, **k):
+        raise RuntimeError("device on fire")
+
+    def wait(cond, limit=60):
+        t0 = time.monotonic()
+        while not cond():
+            assert time.monotonic() - t0 < limit
+            time.sleep(0.01)
+
+    # the worker thread turns an exception into answers and goes on
+    engine = S.make_engine(cfg, base, tok, {"a": world["trees"]["a"]}, max_batch=3, batch_wait_s=0.0)
+    out2 = {}
+    r2, k2 = _req(world, "a", "hello", 4, out2)
+    monkeypatch.setattr(S, "_prefill", boom)
+    engine.submit(r2)
+    engine.start()
+    try:
+        wait(lambda: out2[k2]["done"] is not None)
+        monkeypatch.setattr(S, "_prefill", real_prefill)
+        r3, k3 = _req(world, "a", "hello", 4, out2)
+        engine.submit(r3)
+        wait(lambda: out2[k3]["done"] is not None)
+    finally:
+        engine.close()
+    assert isinstance(out2[k2]["done"], S.ApiError) and out2[k2]["done"].status == 500
+    assert out2[k3]["done"]["finish_reason"] == "length"
+    # a join that fails: only the joiner
+    out3 = {}
+    e3 = S.make_engine(cfg, base, tok, {"a": world["trees"]["a"]}, max_batch=3, batch_wait_s=0.0)
+    ra, ka = _req(world, "a", "hello world", 12, out3)
+    e3.submit(ra)
+    _drive(e3, lambda: e3.stats["steps"] >= 2)
+    monkeypatch.setattr(S, "_prefill_one", boom)
+    rb, kb = _req(world, None, "abc", 4, out3)
+    e3.submit(rb)
+    e3.work_once()
+    monkeypatch.setattr(S, "_prefill_one", real_one)
+    assert isinstance(out3[kb]["done"], S.ApiError) and out3[kb]["done"].status == 500
+    # three more join (max_batch 3: two of them), a cancelled one is dropped, a tiny temperature is greedy
+    rc, kc = _req(world, None, "abc", 4, out3, temperature=1e-39)
+    rd, kd = _req(world, "a", "xyz", 3, out3)
+    rx, kx = _req(world, "a", "never", 3, out3)
+    rx.cancelled = True
+    re_, ke = _req(world, "a", "qq", 3, out3)
+    for r in (rc, rd, rx, re_):
+        e3.submit(r)
+    _drive(e3, lambda: all(out3[k]["done"] is not None for k in (ka, kc, kd, ke)))
+    assert e3.stats["largest_batch"] <= 3 and out3[kx]["done"] is None
+    assert out3[ka]["text"] == tok.decode(jlora.generate(cfg, world["trees"]["a"], tok.encode("hello world"), 12,
+                                                         eos_token_id=()), skip_special_tokens=True)
+    assert out3[kc]["text"] == tok.decode(jlora.generate(cfg, base, tok.encode("abc"), 4, eos_token_id=()),
+                                          skip_special_tokens=True)
+
+
+def test_non_streaming_client_that_disconnects_is_cancelled(world):
+    engine = world["engine"]
+    engine.pause()
+    try:
+        sock = socket.create_connection((world["srv"].host, world["srv"].port))
+        body = json.dumps({"model": "a", "prompt": "bye", "max_tokens": 8}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                     b"\r\n\r\n" + body)
+        t0 = time.monotonic()
+        while engine.pending < 1:
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.01)
+        sock.close()
+        t0 = time.monotonic()
+        while not engine._waiting[0].cancelled:
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.05)
+    finally:
+        engine.resume()
+    t0 = time.monotonic()
+    while engine.pending:
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.01)

@@ -265,12 +265,18 @@ class AdapterSet:
                 grow = True
         if rank > self._rank:
             grow = True
-        self._adapters[name] = {"slot": slot, "terms": terms, "tree": adapter}
-        if grow:
-            self.layout_changes += 1
-            self._relayout(rank)
-        else:
-            self._write(slot, terms)
+        saved = ({k: dict(v) for k, v in self._adapters.items()}, self._slots, self._rank,
+                 {k: set(v) for k, v in self._fields.items()}, self._params, self.layout_changes)
+        try:  # all or nothing: a failure (e.g. out of device memory) leaves the set as it was
+            self._adapters[name] = {"slot": slot, "terms": terms, "tree": adapter}
+            if grow:
+                self.layout_changes += 1
+                self._relayout(rank)
+            else:
+                self._write(slot, terms)
+        except BaseException:
+            self._adapters, self._slots, self._rank, self._fields, self._params, self.layout_changes = saved
+            raise
 
     def remove(self, name: str) -> None:
         """Unloads an adapter (its slot becomes free; shapes stay, nothing recompiles)."""
