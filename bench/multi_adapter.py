@@ -235,7 +235,8 @@ def run_torch(a):
     forced = _teacher_forced(a, model, ids, mask, names) if "mixed" in calls else None
     return {"rows": [{"framework": "torch", "config": m, "tok_s": n / best[m], "generate_s": best[m],
                       "new_tokens": n} for m in calls],
-            "mixed_ids": out_ids.get("mixed"), "teacher_forced": forced, "torch": torch.__version__, "peft": peft.__version__,
+            "mixed_ids": out_ids.get("mixed"), "teacher_forced": forced, "torch": torch.__version__,
+            "peft": peft.__version__,
             "transformers": transformers.__version__, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -394,18 +395,22 @@ def _report(res):
         print(f"mixed batch, jlora vs PEFT: leading tokens equal per row {lead} of {n}; "
               f"{sum(k == n for k in lead)}/{len(lead)} rows identical")
     if t and t.get("teacher_forced"):
+        def row(i, r):
+            if "gap" not in r:
+                return f"row {i}: agrees {r['agree']}"
+            second = ", jlora's token 2nd" if r["jlora_token_rank2"] else ""
+            return (f"row {i}: agrees {r['agree']}, then PEFT prefers its token by {r['gap']:.2g} (top logit "
+                    f"{r['top1']:.1f}{second})")
         print("PEFT forward on jlora's mixed sequences: " + "; ".join(
-            f"row {i}: agrees {r['agree']}" + (f", then PEFT prefers its token by {r['gap']:.2g} (top logit "
-                                               f"{r['top1']:.1f}{', jlora token 2nd' if r['jlora_token_rank2'] else ''})"
-                                               if "gap" in r else "") for i, r in enumerate(t["teacher_forced"])))
+            row(i, r) for i, r in enumerate(t["teacher_forced"])))
     mem = res.get("memory") or {}
     for h, m in mem.items():
         if not m:
             continue
         extra = (f"  slot {m['slot_bytes'] / 2**20:.2f} MiB, capacity {m['capacity']}, rank bucket "
                  f"{m['rank_bucket']}") if "slot_bytes" in m else ""
-        print(f"memory {h:>4}: params {m['param_bytes'] / 2**20:8.1f} MiB  peak RSS {m['peak_rss_mb']:7.0f} MB  RSS after "
-              f"{m['rss_after_mb']:7.0f} MB{extra}")
+        print(f"memory {h:>4}: params {m['param_bytes'] / 2**20:8.1f} MiB  peak RSS {m['peak_rss_mb']:7.0f} MB  "
+              f"RSS after {m['rss_after_mb']:7.0f} MB{extra}")
     m8 = mem.get("8")
     if m8:
         for n, b in m8["per_adapter_bytes"].items():
