@@ -176,6 +176,9 @@ def cmd_train(a):
 
     overrides = _overrides(a) + (["run.distributed=true"] if a.distributed else [])
     conf = run.load_config(a.config, overrides)
+    if a.print_config:  # the resolved config (TOML, every default filled in); no training
+        print(run.print_config(conf), end="")
+        return
     res = run.train_run(conf, progress=not a.no_progress, stop_at=a.stop_at)
     print(json.dumps({"step": int(res.state.step), "resumed_from": res.resumed_from, **res.eval}))
 
@@ -401,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-host: jax.distributed.initialize() first (TPU pod slices, multi-node GPU)")
     t.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step; rerun to resume")
     t.add_argument("--no-progress", action="store_true", help="no progress line")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (TOML, with every default) and exit without training")
     t.set_defaults(fn=cmd_train)
 
     v = sub.add_parser("eval", help="evaluate a trained run's best (or latest) checkpoint: loss, perplexity")

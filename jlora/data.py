@@ -163,7 +163,7 @@ def _check_str(value: Any, key: str, where: str) -> None:
 
 def _load_file(path: str, txt_split: str) -> list[Example]:
     out: list[Example] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is accepted
         text = f.read()
     lines = text.splitlines()
     if path.endswith(".txt"):

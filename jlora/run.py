@@ -50,17 +50,173 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "model": {"path": "smollm2", "dtype": "float32", "base_dtype": "float32", "remat": False, "quantize": ""},
-    "method": {"kind": "lora"},  # plus the fields of the method's config (checked by `method_config`)
-    "data": {"train": None, "eval": None, "eval_fraction": 0.0, "seq_len": 256, "batch_size": 8,
-             "eval_batch_size": None, "accum_steps": 1, "pack": True, "overflow": "truncate", "seed": 0},
-    "optim": {"learning_rate": 2e-4, "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0,
-              "weight_decay": 0.0, "adam_eps": 1e-8, "max_grad_norm": 1.0, "label_smoothing": 0.0,
-              "lr_ratios": None},
-    "run": {"dir": None, "steps": 100, "eval_every": 0, "save_every": 0, "keep_last": 2, "log_every": 10,
-            "seed": 0, "mesh": "", "distributed": False},
-}
+class ConfigError(ValueError):
+    """A bad run config value; the message names ``section.key``, what was expected and the value found."""
+
+
+class _Check:
+    """One field's type and range: ``expected`` says it in words (for the error), ``__call__`` normalizes a
+    valid value (an integer where a float is meant becomes a float; a list where a tuple is meant stays a list)
+    or returns ``_BAD``."""
+
+    def __init__(self, expected: str, fn):
+        self.expected, self.fn = expected, fn
+
+    def __call__(self, v):
+        return self.fn(v)
+
+
+_BAD = object()
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _number(expected="a number", ok=lambda v: True, optional=False):
+    def fn(v):
+        if optional and v is None:
+            return None
+        return float(v) if _is_num(v) and ok(v) else _BAD
+    return _Check(expected + (" (or none)" if optional else ""), fn)
+
+
+def _integer(lo=None, optional=False):
+    def fn(v):
+        if optional and v is None:
+            return None
+        return v if isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) else _BAD
+    return _Check(("an integer" if lo is None else f"an integer >= {lo}") + (" (or none)" if optional else ""), fn)
+
+
+def _string(optional=False, nonempty=False):
+    def fn(v):
+        if optional and v is None:
+            return None
+        return v if isinstance(v, str) and (v or not nonempty) else _BAD
+    return _Check(("a non-empty string" if nonempty else "a string") + (" (or none)" if optional else ""), fn)
+
+
+def _enum(*choices):
+    return _Check("one of " + " | ".join(map(repr, choices)), lambda v: v if isinstance(v, str) and v in choices
+                  else _BAD)
+
+
+_BOOL = _Check("true or false", lambda v: v if isinstance(v, bool) else _BAD)
+_QUANTIZE = _Check("a string (\"\" | \"nf4\" | \"fp4\" | \"int8\" | \"gguf\") or a table of QuantConfig fields",
+                   lambda v: v if isinstance(v, (str, dict)) else _BAD)
+_RATIOS = _Check("a table of role = number > 0 (or none)", lambda v: v if v is None or (
+    isinstance(v, dict) and all(isinstance(k, str) and _is_num(x) and x > 0 for k, x in v.items())) else _BAD)
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("constant", "linear", "cosine")  # jlora.loop.SCHEDULES (checked equal in the tests)
+OVERFLOW = ("truncate", "error", "split")  # jlora.data.make_batches(overflow=...)
+
+
+def _field(default, check: _Check):
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+class _Section:
+    """A frozen, validated section of the run config: every field is checked against its ``check`` on
+    construction, and the error names ``section.key``."""
+
+    section = ""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is None:
+                continue
+            value = getattr(self, f.name)
+            norm = check(value)
+            if norm is _BAD:
+                raise ConfigError(f"{self.section}.{f.name}: expected {check.expected}, got {value!r}")
+            object.__setattr__(self, f.name, norm)
+
+    @classmethod
+    def keys(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def of(cls, values: Dict[str, Any], src: str = "config"):
+        """The section from a table, every key checked (an unknown key is an error listing the known ones)."""
+        unknown = [k for k in values if k not in cls.keys()]
+        if unknown:
+            raise ConfigError(f"{src}: unknown key {cls.section}.{unknown[0]} (known: {', '.join(cls.keys())})")
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{src}: {e}") from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection(_Section):
+    """[model]: which base, its compute dtype, the frozen base's storage dtype, rematerialization, quantization."""
+
+    section = "model"
+    path: str = _field("smollm2", _string(nonempty=True))
+    dtype: str = _field("float32", _enum(*DTYPES))
+    base_dtype: str = _field("float32", _enum(*DTYPES))
+    remat: bool = _field(False, _BOOL)
+    quantize: Any = _field("", _QUANTIZE)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection(_Section):
+    """[data]: the files and how they become batches (`jlora.data.make_batches`)."""
+
+    section = "data"
+    train: Optional[str] = _field(None, _string(optional=True))
+    eval: Optional[str] = _field(None, _string(optional=True))
+    eval_fraction: float = _field(0.0, _number("a number >= 0 and < 1", lambda v: 0 <= v < 1))
+    seq_len: int = _field(256, _integer(1))
+    batch_size: int = _field(8, _integer(1))
+    eval_batch_size: Optional[int] = _field(None, _integer(1, optional=True))
+    accum_steps: int = _field(1, _integer(1))
+    pack: bool = _field(True, _BOOL)
+    overflow: str = _field("truncate", _enum(*OVERFLOW))
+    seed: int = _field(0, _integer(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection(_Section):
+    """[optim]: the optimizer and the learning-rate schedule (`jlora.loop.FitConfig`)."""
+
+    section = "optim"
+    learning_rate: float = _field(2e-4, _number("a number > 0", lambda v: v > 0))
+    schedule: str = _field("cosine", _enum(*SCHEDULES))
+    warmup_steps: int = _field(0, _integer(0))
+    min_lr_ratio: float = _field(0.0, _number("a number >= 0 and <= 1", lambda v: 0 <= v <= 1))
+    weight_decay: float = _field(0.0, _number("a number >= 0", lambda v: v >= 0))
+    adam_eps: float = _field(1e-8, _number("a number > 0", lambda v: v > 0))
+    max_grad_norm: Optional[float] = _field(1.0, _number("a number >= 0", lambda v: v >= 0, optional=True))
+    label_smoothing: float = _field(0.0, _number("a number >= 0 and < 1", lambda v: 0 <= v < 1))
+    lr_ratios: Optional[Dict[str, float]] = _field(None, _RATIOS)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection(_Section):
+    """[run]: the run directory, its length, evaluation/checkpoint/log cadence, seed, mesh."""
+
+    section = "run"
+    dir: Optional[str] = _field(None, _string(optional=True))
+    steps: int = _field(100, _integer(1))
+    eval_every: int = _field(0, _integer(0))
+    save_every: int = _field(0, _integer(0))
+    keep_last: int = _field(2, _integer(0))
+    log_every: int = _field(10, _integer(1))
+    seed: int = _field(0, _integer(0))
+    mesh: str = _field("", _string())
+    distributed: bool = _field(False, _BOOL)
+
+
+SECTIONS = {"model": ModelSection, "method": None, "data": DataSection, "optim": OptimSection, "run": RunSection}
+# The defaults of every section (the [method] ones are the chosen method's config dataclass's own).
+DEFAULTS: Dict[str, Dict[str, Any]] = {name: ({"kind": "lora"} if cls is None else cls().to_dict())
+                                       for name, cls in SECTIONS.items()}
 
 
 def _parse_value(text: str):
@@ -82,48 +238,94 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     Returns:
       the resolved config: every section of `DEFAULTS` with every key.
     """
-    conf: Dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such config file")
-        if path.endswith(".toml"):
-            import tomllib
-
-            try:
-                with open(path, "rb") as f:
-                    conf = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{path}: not valid TOML ({e})") from None
-        elif path.endswith((".yaml", ".yml")):
-            try:
-                import yaml
-            except ImportError:
-                raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML") from None
-            with open(path) as f:
-                conf = yaml.safe_load(f) or {}
-        else:
-            raise ValueError(f"{path}: config files must be .toml or .yaml")
-    src = path or "config"
+    conf: Dict[str, Any] = {} if path is None else _read_file(str(path))
+    src = str(path) if path is not None else "config"
     out = copy.deepcopy(DEFAULTS)
     for section, values in conf.items():
         if section not in DEFAULTS:
-            raise ValueError(f"{src}: unknown section [{section}] (known: {', '.join(DEFAULTS)})")
+            raise ConfigError(f"{src}: unknown section [{section}] (known: {', '.join(DEFAULTS)})")
         if not isinstance(values, dict):
-            raise ValueError(f"{src}: [{section}] must be a table of keys")
+            raise ConfigError(f"{src}: [{section}] must be a table of keys, got {values!r}")
         for key, value in values.items():
             if key not in DEFAULTS[section] and section != "method":
-                raise ValueError(f"{src}: unknown key {section}.{key} (known: {', '.join(DEFAULTS[section])})")
+                raise ConfigError(f"{src}: unknown key {section}.{key} (known: {', '.join(DEFAULTS[section])})")
             out[section][key] = value
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"--set {item!r}: expected section.key=value")
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
         dotted, text = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        if section not in DEFAULTS or (key not in DEFAULTS[section] and section != "method"):
-            raise ValueError(f"--set {item!r}: unknown key {dotted}")
+        if section not in DEFAULTS:
+            raise ConfigError(f"--set {item!r}: unknown section [{section}] (known: {', '.join(DEFAULTS)})")
+        if key not in DEFAULTS[section] and section != "method":
+            raise ConfigError(f"--set {item!r}: unknown key {dotted} (known: {', '.join(DEFAULTS[section])})")
         out[section][key] = _parse_value(text)
+    for name, cls in SECTIONS.items():  # types and ranges: the section dataclasses
+        if cls is not None:
+            out[name] = cls.of(out[name], src).to_dict()
     _validate(out, src)
     return out
+
+
+def _read_file(path: str) -> Dict[str, Any]:
+    """A config file's tables; a UTF-8 byte-order mark (Windows editors write one) is accepted."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such config file")
+    if not path.endswith((".toml", ".yaml", ".yml")):
+        raise ConfigError(f"{path}: config files must be .toml or .yaml")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    if path.endswith(".toml"):
+        import tomllib
+
+        try:
+            conf = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML") from None
+        try:
+            conf = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{path}: expected tables of keys ([model], [method], ...), got {conf!r}")
+    return conf
+
+
+def print_config(c: Dict[str, Any]) -> str:
+    """The resolved config ``c`` (every key, defaults included) as TOML, the format `load_config` reads back.
+    Keys whose value is none (TOML has no null) are written as comments."""
+    lines = ["# jlora run config, resolved (defaults filled in); TOML"]
+    for section in DEFAULTS:
+        lines.append(f"\n[{section}]")
+        for key, value in c[section].items():
+            if value is None:
+                lines.append(f"# {key} = (none)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise ConfigError(f"cannot write {v!r} as TOML")
 
 
 def _jsonable(x):
@@ -149,6 +351,8 @@ def _validate(c, src):
         if unknown:
             raise ValueError(f"{src}: unknown option method.{unknown[0]} (no method has it)")
         options = {}
+    if B.get(kind).config is not None:
+        _check_method_types(B.get(kind).config, options, src)
     mcfg = B.get(kind).make_config(options, src)
     # The resolved [method]: every field of the method's config, so a run's identity does not depend on
     # which defaults were spelled out.
@@ -186,6 +390,64 @@ def _validate(c, src):
             parse_mesh_spec(c["run"]["mesh"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"{src}: run.mesh: {e}") from None
+
+
+def _type_ok(v, t) -> bool:
+    import typing
+
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if t is Any:
+        return True
+    if t is type(None):
+        return v is None
+    if origin is typing.Union:
+        return any(_type_ok(v, a) for a in args)
+    if t is bool:
+        return isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t is float:
+        return _is_num(v)
+    if t is str:
+        return isinstance(v, str)
+    if origin in (tuple, list):
+        if not isinstance(v, (list, tuple)):
+            return False
+        elem = args[0] if args else Any
+        return all(_type_ok(x, elem) for x in v)
+    if origin in (dict, typing.Mapping) or t in (dict, typing.Mapping) or getattr(origin, "__name__", "") == "Mapping":
+        if not isinstance(v, dict):
+            return False
+        return not args or all(_type_ok(x, args[1]) for x in v.values())
+    return True  # a type this check does not know: the method's own __post_init__ decides
+
+
+def _describe(t) -> str:
+    import typing
+
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:
+        return " or ".join(_describe(a) for a in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+    if t in names:
+        return names[t]
+    if origin in (tuple, list):
+        return f"a list of {_describe(args[0]).replace('an ', '').replace('a ', '')}s" if args else "a list"
+    if origin is dict or getattr(origin, "__name__", "") == "Mapping":
+        return "a table" + (f" of {_describe(args[1])}" if len(args) == 2 else "")
+    return getattr(t, "__name__", str(t))
+
+
+def _check_method_types(config_cls, options, src):
+    """[method] values against the method config dataclass's field types, so that a wrong type is an error
+    naming ``method.KEY`` (ranges are the dataclass's own ``__post_init__``)."""
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    for key, value in options.items():
+        t = hints.get(key)
+        if t is not None and not _type_ok(value, t):
+            raise ConfigError(f"{src}: method.{key}: expected {_describe(t)}, got {value!r}")
 
 
 def _fit_config(c):
