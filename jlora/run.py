@@ -40,6 +40,12 @@ chosen method's config (its defaults fill the rest: PEFT's, e.g. LoRA ``alpha = 
 value (parsed as TOML, so ``--set optim.learning_rate=1e-4`` and ``--set method.target_modules='["q_proj"]'``
 work). The resolved config is stored in the run directory; a run directory made with a different config is
 refused rather than mixed.
+
+Types and ranges: [model], [data], [optim] and [run] are the frozen dataclasses `ModelSection`, `DataSection`,
+`OptimSection` and `RunSection` (validated on construction); [method] values are checked against the field types
+of the method's config dataclass. An error names ``section.key``, what was expected and the value found (e.g.
+``optim.learning_rate: expected a number > 0, got -1``). ``jlora train --print-config`` prints the resolved
+config as TOML (keys whose value is none are comments) and exits. A UTF-8 byte-order mark is accepted.
 """
 
 from __future__ import annotations
