@@ -36,6 +36,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from method_decode import _rounds  # noqa: E402  (every configuration once per round, fastest kept)
+
 QV = ["q_proj", "v_proj"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name, rank, alpha, target modules
@@ -60,17 +63,6 @@ def _tree_bytes(tree) -> int:
     import jax
 
     return int(sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def _rounds(calls: dict, repeats: int) -> dict:
-    """{config: fastest seconds}: every configuration once per round, ``repeats`` rounds."""
-    best = {m: float("inf") for m in calls}
-    for _ in range(repeats):
-        for m, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            best[m] = min(best[m], time.perf_counter() - t0)
-    return best
 
 
 def _prompts(work):
